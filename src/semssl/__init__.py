@@ -1,0 +1,3 @@
+"""semssl: self-supervised visual pre-training with semantically consistent positives."""
+
+__version__ = "0.1.0"
