@@ -1,0 +1,297 @@
+"""The ``semssl`` command line: ``pretrain | eval | data | methods | recipes``.
+
+Every sub-command prints a short human-readable result and, where it measures something, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+EPILOG_PRETRAIN = """\
+examples:
+  semssl pretrain                                   # the main job: built-in data, a few minutes on a CPU
+  semssl pretrain -c mocov2_resnet50_8x32-200e_imagenet data.train=/data/imagenet/train \\
+        data.eval_train=/data/imagenet/train data.eval_test=/data/imagenet/val
+  semssl pretrain optim.lr=0.06 data.batch_size=32 trainer.max_epochs=20
+  semssl pretrain --resume runs/mocov2_resnet18_1x64-600it_synthetic-20261122-101500
+
+overrides are dotted keys of the config tree (see the recipes in configs/); list items by index:
+  data.views.0.size=96   trainer.devices=8 trainer.num_nodes=4 trainer.strategy=ddp
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    logging.getLogger("semssl").setLevel(logging.INFO)
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------------ pretrain
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from semssl.config import load_config
+    from semssl.engine.run import pretrain, resume_config
+
+    if args.resume:
+        if args.recipe:
+            raise SystemExit("semssl pretrain: --resume reads the run's own config.yaml; do not pass --recipe")
+        cfg = resume_config(Path(args.resume), args.overrides)
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        from semssl.config import to_dict
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    pretrain(cfg, resume=Path(args.resume) if args.resume else None)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def _eval_config(args: argparse.Namespace, info_cfg: Any) -> Any:
+    from semssl.config import Config
+
+    cfg = info_cfg if info_cfg is not None else Config()
+    if args.size:
+        cfg.data.eval_size = args.size
+    if args.resize_ratio:
+        cfg.data.eval_resize_ratio = args.resize_ratio
+    cfg.data.num_workers = args.workers
+    cfg.eval.batch_size = args.batch_size
+    return cfg
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
+    from semssl.engine.checkpoint import config_from_checkpoint, find_checkpoint, load_backbone, safe_load
+
+    if args.random_init:
+        from semssl.config import Config, ModelConfig
+        from semssl.models.backbones import ResNetBackbone
+
+        import torch
+
+        torch.manual_seed(args.seed)
+        backbone = ResNetBackbone(args.arch or "resnet50", small_input=args.small_input).eval()
+        return backbone, {"source": "random init", "arch": backbone.arch, "method": None, "branch": None}, None
+    if not args.checkpoint:
+        raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
+                         " or --random-init")
+    backbone, info = load_backbone(args.checkpoint, branch=args.branch, arch=args.arch)
+    cfg = None
+    if info["method"] != "torchvision":
+        file = find_checkpoint(args.checkpoint)
+        cfg = config_from_checkpoint(safe_load(file), file)
+    return backbone, info, cfg
+
+
+def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(payload, indent=2, default=float))
+        print(f"wrote {out}")
+
+
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    from semssl.engine.evaluate import backbone_features
+    from semssl.eval.knn import knn_evaluate
+
+    backbone, info, cfg = _load_for_eval(args)
+    cfg = _eval_config(args, cfg)
+    train_x, train_y = backbone_features(backbone, args.train, cfg)
+    test_x, test_y = backbone_features(backbone, args.test, cfg)
+    res = knn_evaluate(train_x, train_y, test_x, test_y, ks=tuple(args.k), temperature=args.temperature)
+    rows = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
+    _print_result(f"kNN ({info['source']}, T={args.temperature})", rows, args.out,
+                  {"knn": res, "model": info, "train": args.train, "test": args.test,
+                   "size": cfg.data.eval_size})
+    return 0
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    from semssl.engine.evaluate import backbone_features
+    from semssl.eval.linear import FastLinearConfig, linear_fast
+
+    backbone, info, cfg = _load_for_eval(args)
+    cfg = _eval_config(args, cfg)
+    if args.protocol == "fast":
+        train_x, train_y = backbone_features(backbone, args.train, cfg)
+        test_x, test_y = backbone_features(backbone, args.test, cfg)
+        res = linear_fast(train_x, train_y, test_x, test_y,
+                          config=FastLinearConfig(epochs=args.epochs or 100, seed=args.seed,
+                                                  **({"lrs": tuple(args.lrs)} if args.lrs else {})))
+    else:
+        from semssl.engine.evaluate import linear_standard_on_folders
+
+        res = linear_standard_on_folders(backbone, args, cfg)
+    rows = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
+    _print_result(f"linear probe, {args.protocol} protocol ({info['source']})", rows, args.out,
+                  {"linear": res, "model": info, "train": args.train, "test": args.test})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ data
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from semssl.data.synthetic import SynthConfig, default_root, generate
+
+    root = Path(args.root) if args.root else default_root()
+    cfg = SynthConfig(seed=args.seed, object_size=args.object_size, scene_size=args.scene_size,
+                      n_train_objects=args.n_train_objects, n_test_objects=args.n_test_objects,
+                      n_train_scenes=args.n_train_scenes, n_test_scenes=args.n_test_scenes,
+                      num_classes=args.num_classes, workers=args.workers)
+    summary = generate(root, cfg, splits=tuple(args.splits))
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"built-in data written to {root}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from semssl.data.sources import build_source
+
+    source = build_source(args.path, on_error="skip")
+    bad = source.check()
+    print(source.summary())
+    for item in bad:
+        print(f"  unreadable: {item}")
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------------------------ lists
+def cmd_methods(args: argparse.Namespace) -> int:
+    from semssl.methods import available_methods
+
+    print("\n".join(available_methods()))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from semssl.config import list_recipes
+
+    print("\n".join(list_recipes()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _add_eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone instead")
+    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
+                   help="architecture of a plain state_dict / random init (inferred from the keys if omitted)")
+    p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
+    p.add_argument("--branch", choices=["online", "teacher"],
+                   help="which network of a semssl checkpoint (default: the method's: teacher for DINO/SCFS)")
+    p.add_argument("--train", required=True, help="labelled image folder used as memory / training split")
+    p.add_argument("--test", required=True, help="labelled image folder evaluated")
+    p.add_argument("--size", type=int, help="centre-crop size (default: the run's data.eval_size, else 224)")
+    p.add_argument("--resize-ratio", type=float, help="resize shorter side to size*ratio before the crop (256/224)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the result as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semssl", description="Self-supervised visual pre-training with semantically consistent positives.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a method (no arguments: the main job on the built-in data)",
+                       description="Pre-train a backbone with a self-supervised method, then evaluate it (kNN "
+                                   "and fast linear probe) next to the same backbone at random initialisation.",
+                       epilog=EPILOG_PRETRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--recipe", help="a recipe: packaged name (see `semssl recipes`) or a YAML path "
+                                          "(default: the built-in MoCo-v2 recipe)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoints/last.ckpt")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=cmd_pretrain)
+
+    pe = sub.add_parser("eval", help="evaluate a checkpoint (knn, linear)")
+    esub = pe.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
+    pk = esub.add_parser("knn", help="weighted kNN on pooled features (cosine, T 0.07, k 20 and 200)")
+    _add_eval_common(pk)
+    pk.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (first one is knn_top1)")
+    pk.add_argument("--temperature", type=float, default=0.07)
+    pk.set_defaults(func=cmd_eval_knn)
+    pl = esub.add_parser("linear", help="linear probe on the frozen backbone (fast or standard protocol)")
+    _add_eval_common(pl)
+    pl.add_argument("--protocol", choices=["fast", "standard"], default="fast",
+                    help="fast: pre-computed centre-crop features, lr searched on a held-out part; "
+                         "standard: frozen backbone with crop+flip augmentation (MoCo: lr 30, steps 60/80)")
+    pl.add_argument("--epochs", type=int, help="epochs (default 100)")
+    pl.add_argument("--lrs", type=float, nargs="+", help="fast protocol: the searched learning rates")
+    pl.add_argument("--lr", type=float, default=30.0, help="standard protocol: base lr per 256 images")
+    pl.add_argument("--schedule", choices=["step", "cosine"], default="step",
+                    help="standard protocol: steps at 60%%/80%% of the epochs (MoCo) or cosine (SCFS/DINO)")
+    pl.add_argument("--weight-decay", type=float, default=0.0)
+    pl.set_defaults(func=cmd_eval_linear)
+
+    pd = sub.add_parser("data", help="built-in data and data checks")
+    dsub = pd.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset (objects + scenes)")
+    ps.add_argument("--root", help="output folder (default: $SEMSSL_DATA_DIR or ~/.cache/semssl/synthetic)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--object-size", type=int, default=64)
+    ps.add_argument("--scene-size", type=int, default=128)
+    ps.add_argument("--n-train-objects", type=int, default=5000)
+    ps.add_argument("--n-test-objects", type=int, default=1000)
+    ps.add_argument("--n-train-scenes", type=int, default=1000)
+    ps.add_argument("--n-test-scenes", type=int, default=200)
+    ps.add_argument("--num-classes", type=int, default=10)
+    ps.add_argument("--workers", type=int, default=2)
+    ps.add_argument("--splits", nargs="+", default=["objects", "scenes"], choices=["objects", "scenes"])
+    ps.set_defaults(func=cmd_data_synth)
+    pc = dsub.add_parser("check", help="decode every image of a folder / list / COCO JSON; report bad files")
+    pc.add_argument("path")
+    pc.set_defaults(func=cmd_data_check)
+
+    pm = sub.add_parser("methods", help="list the available methods, one per line")
+    pm.set_defaults(func=cmd_methods)
+    pr = sub.add_parser("recipes", help="list the packaged recipes, one per line")
+    pr.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from semssl.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"semssl: config error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # clear one-line messages for the errors users can fix
+        from semssl.data.sources import DataError
+        from semssl.engine.checkpoint import CheckpointError
+        from semssl.engine.module import NonFiniteLossError
+
+        if isinstance(err, (DataError, CheckpointError, NonFiniteLossError)):
+            print(f"semssl: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

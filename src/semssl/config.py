@@ -1,0 +1,409 @@
+"""Typed configuration tree: dataclasses, YAML recipes and dotted command-line overrides.
+
+A run is described by one :class:`Config`. Recipes are YAML files (``configs/*.yaml``) that may name a ``base``
+recipe to start from; command-line overrides such as ``optim.lr=0.1 data.batch_size=64`` are applied last.
+Every key is checked against the dataclasses: an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the dotted key and suggests the closest valid one.
+
+The ``method`` section is typed by the method itself: ``method.name`` selects a registered method whose
+config dataclass validates the remaining keys (see :mod:`semssl.methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config tree (names the key at fault)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ViewConfig:
+    """One named view of the batch (see :class:`semssl.data.views.ViewSpec`)."""
+
+    name: str = "q"
+    size: int = 224
+    n_crops: int = 1
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    recipe: Union[str, list[str]] = "mocov2"
+    whole_image: bool = False
+    flip_p: float = 0.5
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in dataset (see :mod:`semssl.data.synthetic`)."""
+
+    root: Optional[str] = None
+    seed: int = 0
+    object_size: int = 64
+    scene_size: int = 128
+    n_train_objects: int = 5000
+    n_test_objects: int = 1000
+    n_train_scenes: int = 1000
+    n_test_scenes: int = 200
+    num_classes: int = 10
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how views are made.
+
+    ``train`` is a path (image folder, file list or COCO JSON) or ``synthetic`` (the built-in objects split).
+    ``eval_train`` / ``eval_test`` are labelled image folders for the kNN monitor and the final evaluation; with
+    ``synthetic`` they default to the built-in objects' train/test folders.
+    """
+
+    train: str = "synthetic"
+    eval_train: Optional[str] = None
+    eval_test: Optional[str] = None
+    batch_size: int = 64  # per device
+    num_workers: int = 2
+    views: list[ViewConfig] = field(
+        default_factory=lambda: [ViewConfig(name="q"), ViewConfig(name="k")]
+    )
+    blur_reference_size: Optional[int] = 224
+    eval_size: int = 224
+    eval_resize_ratio: float = 256 / 224
+    on_error: Literal["skip", "raise"] = "skip"
+    check_files: bool = True  # decode every file once before training when the dataset is small
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (see :mod:`semssl.models.backbones`)."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    small_input: bool = False
+    zero_init_residual: bool = False
+    norm: Literal["bn", "gn", "frozen_bn"] = "bn"
+    bn_splits: int = 1  # >1: BatchNorm over sub-batches (single-process stand-in for shuffle-BN)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (needs CUDA)
+    channels_last: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and its per-iteration schedules. ``lr`` is per 256 images (scaled by the global batch)."""
+
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = 0.03
+    lr_scaling: Literal["linear", "none"] = "linear"
+    min_lr: float = 0.0
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = field(default_factory=list)  # for "step": epochs or fractions
+    warmup: Union[float, str] = 0  # epochs (>= 1), or a fraction of the run (< 1), or "5%"
+    warmup_start: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    weight_decay_end: Optional[float] = None  # cosine wd schedule end (DINO)
+    exclude_norm_and_bias: bool = True
+    clip_grad: float = 0.0  # 0 disables
+    clip_mode: Literal["global", "per_param"] = "global"
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, devices, precision, logging and checkpoints."""
+
+    max_epochs: int = 200
+    max_steps: int = 0  # > 0: stop after this many optimisation steps (overrides max_epochs)
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # "16-mixed" / "bf16-mixed" for mixed precision
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    log_every_n_steps: int = 10
+    knn_every_n_epochs: int = 0  # online kNN monitor; 0 disables
+    checkpoint_every_n_epochs: int = 1
+    progress_bar: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class FastProbeConfig:
+    epochs: int = 100
+    lrs: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
+    holdout: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after pre-training (kNN + fast linear probe vs random init)."""
+
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    linear: FastProbeConfig = field(default_factory=FastProbeConfig)
+    batch_size: int = 256
+    random_init: bool = True
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    method: Any = None  # a method's own config dataclass, chosen by method.name
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+# --------------------------------------------------------------------------------------------------------------
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls, globalns=globals())
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}'{_suggest(str(key), names)}")
+        if cls is Config and key == "method":
+            kwargs[key] = method_config_from_dict(value, dotted)
+            continue
+        kwargs[key] = _convert(value, hints[key], dotted)
+    obj = cls(**kwargs)
+    if cls is Config and obj.method is None:
+        raise ConfigError("method: a recipe must name a method (method.name); see `semssl methods`")
+    return obj
+
+
+def method_config_from_dict(value: Any, key: str = "method") -> Any:
+    from semssl.methods import method_config_class, available_methods
+
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{key}: expected a mapping with a 'name' (one of {available_methods()})")
+    cls = method_config_class(value["name"])
+    return from_dict(cls, value, prefix=key)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (YAML/JSON-safe) nested dict of a config tree."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML recipes and overrides
+# --------------------------------------------------------------------------------------------------------------
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe given as a path, or as the name of a packaged recipe (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    packaged = PACKAGE_CONFIGS / f"{stem}.yaml"
+    if packaged.exists():
+        return packaged
+    known = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+    close = difflib.get_close_matches(stem, known, n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; packaged recipes: {', '.join(known)}"
+    raise ConfigError(f"recipe '{name_or_path}' not found (no such file, no packaged recipe){hint}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: Path, _seen: tuple = ()) -> dict:
+    """Read a recipe, resolving ``base:`` (a recipe it extends) recursively."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: recipe 'base' chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read recipe ({err.strerror})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if not base_path.exists():
+            base_path = recipe_path(str(base))
+        data = _deep_merge(load_yaml(base_path, _seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], parsed value); values are parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a nested dict; list items are addressed by index (``data.views.0.size=96``)."""
+    data = _deep_merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, parts[: i + 1])
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            elif isinstance(nxt, dict):
+                nxt = dict(nxt)
+                node[part] = nxt
+            elif isinstance(nxt, list):
+                nxt = [dict(v) if isinstance(v, dict) else v for v in nxt]
+                node[part] = nxt
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = int(last) if last.isdigit() else None
+            if idx is None or idx >= len(node):
+                raise ConfigError(f"override '{text}': '{'.'.join(parts[:-1])}' is a list of {len(node)} items")
+            node[idx] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_item(node: list, part: str, parts: list[str]) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"'{'.'.join(parts)}': '{'.'.join(parts[:-1])}' is a list of {len(node)} items; "
+                          f"address its items by index")
+    return node[int(part)]
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe (path or packaged name; None = the default recipe) and apply dotted overrides."""
+    from semssl.methods import DEFAULT_RECIPE
+
+    path = recipe_path(str(recipe) if recipe is not None else DEFAULT_RECIPE)
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    data.setdefault("name", path.stem)
+    return from_dict(Config, data)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

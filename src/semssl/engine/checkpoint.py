@@ -1,0 +1,125 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, and backbones loaded for evaluation.
+
+A checkpoint holds tensors and plain values only (the config as a plain dict, RNG states as tensors), so it can
+be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from semssl.config import Config, ConfigError, from_dict
+from semssl.models.backbones import ResNetBackbone, load_torchvision_weights
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not hold what is asked of it (names the file)."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a crash never
+    leaves a half-written checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with a clear error naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint ({err})") from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic writes, weights-only reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict:
+        return safe_load(path, map_location=map_location or "cpu")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the ``last.ckpt`` of a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.exists():
+                return candidate
+        raise CheckpointError(f"{path}: run folder has no checkpoints/last.ckpt")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def config_from_checkpoint(ckpt: dict, path: Path) -> Config:
+    if "semssl_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a semssl checkpoint (no 'semssl_config')")
+    try:
+        return from_dict(Config, ckpt["semssl_config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: stored config is invalid ({err})") from err
+
+
+def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional[str] = None) -> tuple[ResNetBackbone, dict]:
+    """The backbone of a semssl checkpoint (``branch``: "online" / "teacher", default = the method's) or of a
+    plain torchvision ResNet ``state_dict`` (``arch`` then names it; inferred from the keys if omitted).
+    Returns the backbone in eval mode and a small info dict."""
+    from semssl.methods import build_method
+
+    file = find_checkpoint(path)
+    ckpt = safe_load(file)
+    if isinstance(ckpt, dict) and "semssl_config" in ckpt:
+        cfg = config_from_checkpoint(ckpt, file)
+        method = build_method(cfg)
+        state = {k.removeprefix("method."): v for k, v in ckpt["state_dict"].items()}
+        method.load_state_dict(state)
+        chosen = branch or method.default_branch
+        backbone = method.backbone_for(chosen)
+        info = {"source": str(file), "method": cfg.method.name, "branch": chosen, "arch": cfg.model.arch,
+                "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+        return backbone.eval(), info
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{file}: neither a semssl checkpoint nor a state_dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    arch = arch or _infer_arch(state, file)
+    conv1 = state.get("conv1.weight")
+    backbone = ResNetBackbone(arch, small_input=conv1 is not None and conv1.shape[-1] == 3)
+    try:
+        load_torchvision_weights(backbone, state)
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from err
+    return backbone.eval(), {"source": str(file), "method": "torchvision", "branch": None, "arch": arch}
+
+
+def _infer_arch(state: dict, file: Path) -> str:
+    if "layer1.0.conv3.weight" in state:
+        return "resnet50"
+    if "layer3.2.conv1.weight" in state:
+        return "resnet34"
+    if "layer1.0.conv1.weight" in state:
+        return "resnet18"
+    raise CheckpointError(f"{file}: cannot tell the ResNet depth from its keys; pass --arch")

@@ -1,0 +1,173 @@
+"""From a config to data loaders: sources -> views (with geometry) -> batch dicts.
+
+Reproducibility: the training sampler yields ``(epoch, index)`` keys and the dataset seeds each sample's
+augmentation from ``(seed, epoch, index)``. A sample's views therefore do not depend on the worker that made
+them, on the number of workers or processes, or on whether the run was resumed — which is what makes
+``--resume`` reproduce an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from semssl.data.augment import eval_transform
+from semssl.data.sources import ImageFolderSource, build_source
+from semssl.data.synthetic import SynthConfig, ensure_synthetic
+from semssl.data.views import MultiViewTransform, ViewSpec, collate_views
+
+log = logging.getLogger("semssl.data")
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (splitmix-style mixing)."""
+    x = (seed * _MIX + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return (x ^ (x >> 29)) & (2**63 - 1)
+
+
+class EpochSampler(Sampler):
+    """Shuffles per epoch from ``seed + epoch``, shards across ranks (like DistributedSampler) and yields
+    ``(epoch, index)`` keys. Drops the tail so every rank gets the same number of samples."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+        if size < num_replicas:
+            raise ValueError(f"dataset of {size} samples is smaller than the number of processes ({num_replicas})")
+        self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
+        self.epoch = 0
+        self.per_rank = size // num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        mine = order[: self.per_rank * self.num_replicas][self.rank:: self.num_replicas]
+        return iter((self.epoch, int(i)) for i in mine)
+
+
+class ViewDataset(Dataset):
+    """A source whose samples are turned into views; ``__getitem__((epoch, index))``."""
+
+    def __init__(self, source: Dataset, transform: MultiViewTransform, seed: int = 0) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sample = self.source[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(sample)
+
+
+class EvalDataset(Dataset):
+    """A labelled source with the evaluation transform (resize, centre crop, normalise)."""
+
+    def __init__(self, source: Dataset, size: int, resize_ratio: float) -> None:
+        self.source = source
+        self.transform = eval_transform(size, resize_ratio=resize_ratio)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.source[index]
+        return {"image": self.transform(sample["image"]), "label": sample["label"], "index": index}
+
+
+def view_specs(cfg: Any) -> list[ViewSpec]:
+    return [ViewSpec(name=v.name, size=v.size, n_crops=v.n_crops, scale=tuple(v.scale), ratio=tuple(v.ratio),
+                     recipe=v.recipe, whole_image=v.whole_image, flip_p=v.flip_p, interpolation=v.interpolation)
+            for v in cfg.data.views]
+
+
+def synth_config(cfg: Any) -> SynthConfig:
+    s = cfg.data.synthetic
+    return SynthConfig(seed=s.seed, object_size=s.object_size, scene_size=s.scene_size,
+                       n_train_objects=s.n_train_objects, n_test_objects=s.n_test_objects,
+                       n_train_scenes=s.n_train_scenes, n_test_scenes=s.n_test_scenes,
+                       num_classes=s.num_classes, workers=s.workers)
+
+
+def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
+    """Concrete paths of the training and evaluation data; generates the built-in data when it is used.
+
+    ``synthetic`` = the built-in objects split; ``synthetic:scenes`` = its scenes (COCO JSON)."""
+    train, eval_train, eval_test = cfg.data.train, cfg.data.eval_train, cfg.data.eval_test
+    uses_synth = train.startswith("synthetic") or any(
+        p and p.startswith("synthetic") for p in (eval_train, eval_test))
+    if uses_synth:
+        root = ensure_synthetic(Path(cfg.data.synthetic.root) if cfg.data.synthetic.root else None,
+                                synth_config(cfg))
+        alias = {"synthetic": str(root / "objects" / "train"),
+                 "synthetic:objects": str(root / "objects" / "train"),
+                 "synthetic:scenes": str(root / "scenes" / "train" / "annotations.json")}
+        if train.startswith("synthetic"):
+            if train not in alias:
+                from semssl.config import ConfigError
+
+                raise ConfigError(f"data.train: unknown built-in split '{train}' ({', '.join(alias)})")
+            eval_train = eval_train or str(root / "objects" / "train")
+            eval_test = eval_test or str(root / "objects" / "test")
+        train = alias.get(train, train)
+        eval_train = alias.get(eval_train, eval_train) if eval_train else None
+        eval_test = {"synthetic": str(root / "objects" / "test")}.get(eval_test, eval_test) if eval_test else None
+    return {"train": train, "eval_train": eval_train, "eval_test": eval_test}
+
+
+def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
+    source = build_source(path, on_error=cfg.data.on_error)
+    if cfg.data.check_files and len(source) <= 20000 and hasattr(source, "check"):
+        bad = source.check()
+        if bad:
+            log.warning("%d unreadable file(s) in %s will be skipped", len(bad), path)
+    transform = MultiViewTransform(view_specs(cfg), blur_reference_size=cfg.data.blur_reference_size)
+    return ViewDataset(source, transform, seed=cfg.trainer.seed)
+
+
+def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0) -> DataLoader:
+    if len(dataset) < cfg.data.batch_size * world_size:
+        from semssl.data.sources import DataError
+
+        raise DataError(f"data.train: {len(dataset)} images are fewer than one global batch "
+                        f"({cfg.data.batch_size} x {world_size} processes); lower data.batch_size")
+    sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=workers, collate_fn=collate_views, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
+
+
+def eval_loader(path: str, cfg: Any, world_size: int = 1, rank: int = 0, size: Optional[int] = None) -> DataLoader:
+    """Loader over a labelled image folder with the evaluation transform, in dataset order (sharded under DDP)."""
+    source = ImageFolderSource(path, labels=True, on_error=cfg.data.on_error)
+    dataset = EvalDataset(source, size or cfg.data.eval_size, cfg.data.eval_resize_ratio)
+    sampler = None
+    if world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=sampler, shuffle=False,
+                      num_workers=cfg.data.num_workers)
+
+
+def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int) -> int:
+    return max(1, math.floor((dataset_size // world_size) / batch_size))

@@ -1,0 +1,193 @@
+"""``semssl pretrain``: build everything from a config, train with Lightning, evaluate, write the run folder.
+
+Run folder::
+
+    runs/<name>-<time>/
+      config.yaml            the full resolved config (``--resume`` reads it back)
+      checkpoints/last.ckpt  written atomically at the end of every epoch (weights-only loadable)
+      logs/tensorboard/      TensorBoard events
+      logs/csv/metrics.csv   the same scalars as CSV
+      metrics.json           {"trained": {...}, "random_init": {...}, "run": {...}}, accuracies in percent
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from semssl.config import Config, ConfigError, dump_config, from_dict, load_yaml, apply_overrides
+from semssl.engine.checkpoint import AtomicCheckpointIO
+from semssl.engine.data import build_train_dataset, resolve_paths, steps_per_epoch, train_loader
+from semssl.engine.evaluate import KNNMonitor, describe, evaluate_backbone
+from semssl.engine.module import SSLModule
+
+log = logging.getLogger("semssl")
+
+RUN_DIR_ENV = "SEMSSL_RUN_DIR"  # shared with the processes Lightning launches for DDP
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Builds the training loader once the trainer knows the world size and rank (after DDP launch)."""
+
+    def __init__(self, cfg: Config, dataset: Any) -> None:
+        super().__init__()
+        self.cfg, self.dataset = cfg, dataset
+
+    def train_dataloader(self):
+        return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    name = cfg.trainer.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.trainer.out_dir) / name
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(cfg.trainer.out_dir) / f"{name}-{suffix}"
+    return path
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there (is it a semssl run folder?)")
+    return from_dict(Config, apply_overrides(load_yaml(cfg_file), overrides))
+
+
+def world_size_of(cfg: Config) -> int:
+    devices = cfg.trainer.devices
+    n = devices if isinstance(devices, int) and devices > 0 else 1
+    return n * cfg.trainer.num_nodes
+
+
+def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) -> pl.Trainer:
+    t = cfg.trainer
+    loggers = [TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
+               CSVLogger(str(run_dir), name="logs", version="csv")]
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_epochs=t.checkpoint_every_n_epochs, save_on_train_epoch_end=True)
+    if t.progress_bar:
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
+    strategy = t.strategy
+    if cfg.model.sync_bn and strategy == "auto":
+        strategy = "ddp"
+    return pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=t.precision, max_epochs=max_epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
+        callbacks=[ckpt, *callbacks], logger=loggers, plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False, num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False, sync_batchnorm=cfg.model.sync_bn,
+        default_root_dir=str(run_dir),
+    )
+
+
+def pretrain(cfg: Config, resume: Optional[Path] = None, console: Any = None) -> Path:
+    """Pre-train, evaluate (trained vs random init) and return the run folder."""
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    start = time.time()
+    run_dir = Path(resume) if resume else new_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    pl.seed_everything(cfg.trainer.seed, workers=False, verbose=False)
+
+    paths = resolve_paths(cfg)
+    dataset = build_train_dataset(cfg, paths["train"])
+    world = world_size_of(cfg)
+    spe = steps_per_epoch(len(dataset), cfg.data.batch_size, world)
+    max_epochs = cfg.trainer.max_epochs
+    if cfg.trainer.max_steps > 0:
+        max_epochs = min(max_epochs, math.ceil(cfg.trainer.max_steps / spe)) if max_epochs > 0 else \
+            math.ceil(cfg.trainer.max_steps / spe)
+
+    module = SSLModule(cfg)
+    random_backbone = copy.deepcopy(module.method.backbone_for(None))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        dump_config(cfg, run_dir / "config.yaml")
+    callbacks: list = []
+    monitor = None
+    if cfg.trainer.knn_every_n_epochs > 0 and paths["eval_train"] and paths["eval_test"]:
+        monitor = KNNMonitor(cfg, paths["eval_train"], paths["eval_test"], cfg.trainer.knn_every_n_epochs)
+        callbacks.append(monitor)
+    trainer = build_trainer(cfg, run_dir, max_epochs, callbacks)
+    ckpt_path = None
+    if resume:
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
+    log.info("run folder: %s (%d images, %d steps/epoch, %d epochs)", run_dir, len(dataset), spe, max_epochs)
+    trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    train_seconds = time.time() - start
+
+    metrics: dict[str, Any] = {}
+    if cfg.eval.enabled and paths["eval_train"] and paths["eval_test"]:
+        device = module.device
+        trained = evaluate_backbone(module.method.backbone_for(None), cfg, paths["eval_train"],
+                                    paths["eval_test"], device=device)
+        metrics["trained"] = trained
+        if cfg.eval.random_init:
+            metrics["random_init"] = evaluate_backbone(random_backbone.to(device), cfg, paths["eval_train"],
+                                                       paths["eval_test"], device=device)
+    metrics["run"] = {
+        "method": cfg.method.name, "arch": cfg.model.arch, "global_step": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch), "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - start, 1), "world_size": int(trainer.world_size),
+        "eval_train": paths["eval_train"], "eval_test": paths["eval_test"],
+        "knn_monitor": monitor.history if monitor else [],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        print_summary(run_dir, metrics, console)
+    return run_dir
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def print_summary(run_dir: Path, metrics: dict, console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if "trained" in metrics:
+        table = Table(title=f"{metrics['run']['method']} / {metrics['run']['arch']}: "
+                            f"{metrics['run']['global_step']} steps, {metrics['run']['train_seconds']:.0f} s")
+        table.add_column("backbone")
+        table.add_column("kNN top-1 (k=20) %", justify="right")
+        table.add_column("linear top-1 (fast) %", justify="right")
+        rows = [("random init", metrics.get("random_init")), ("trained", metrics["trained"])]
+        for name, res in rows:
+            if res is None:
+                continue
+            d = describe(res)
+            table.add_row(name, f"{d['knn_top1']:.2f}", f"{d['linear_top1']:.2f}" if d["linear_top1"] is not None else "-")
+        if metrics.get("random_init"):
+            a, b = describe(metrics["trained"]), describe(metrics["random_init"])
+            table.add_row("gain", f"{a['knn_top1'] - b['knn_top1']:+.2f}",
+                          f"{a['linear_top1'] - b['linear_top1']:+.2f}" if a["linear_top1"] is not None else "-")
+        console.print(table)
+    console.print(f"Run folder: {run_dir}  (checkpoints/last.ckpt, logs/, metrics.json, config.yaml)")

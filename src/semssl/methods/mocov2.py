@@ -1,0 +1,104 @@
+"""MoCo-v2 (Chen et al. 2020; METHODS.md §3.4) — the consistency objective SCD and DSC build on.
+
+Query encoder = backbone + MLP projector (``dim -> dim -> 128``, no BN, as the ``--mlp`` head: 2048-2048-128 on
+ResNet-50); key encoder = EMA copy (momentum 0.999, constant); InfoNCE with tau 0.2 against a queue of past keys
+(65536 at paper scale), keys enqueued after each step (all-gathered under DDP). The key branch uses shuffle-BN:
+keys are shuffled across the global batch before the key encoder and unshuffled after, so BatchNorm statistics
+cannot reveal which key matches. On one process the shuffle only helps together with ``model.bn_splits > 1``
+(BatchNorm over sub-batches, as the MoCo CIFAR-10 demo) — the small recipes set it. With ``model.sync_bn``
+(CUDA DDP) the key shuffle is not needed and ``shuffle_bn: false`` may be set.
+
+Decision: ``symmetric: true`` (MoCo-v3 style, both views as queries) is an option; the default is MoCo-v2's
+asymmetric loss (query = view ``q``, key = view ``k``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semssl.distributed import batch_shuffle, batch_unshuffle
+from semssl.losses.infonce import MemoryQueue, info_nce
+from semssl.methods import register
+from semssl.methods.base import Method, MethodConfig
+from semssl.models.backbones import ResNetBackbone, build_backbone
+from semssl.models.heads import MLP
+
+
+@dataclass
+class MoCoV2Config(MethodConfig):
+    name: str = "mocov2"
+    proj_hidden_dim: Optional[int] = None  # None: the backbone width (2048 on ResNet-50, as MoCo-v2)
+    proj_dim: int = 128
+    queue_size: int = 65536
+    temperature: float = 0.2
+    momentum: float = 0.999
+    momentum_end: Optional[float] = None
+    shuffle_bn: bool = True
+    symmetric: bool = False
+
+
+class Encoder(nn.Module):
+    """Backbone + projector; returns L2-normalised embeddings and the backbone outputs."""
+
+    def __init__(self, backbone: ResNetBackbone, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.backbone(x)
+        return F.normalize(self.projector(out["pooled"]), dim=1), out
+
+
+@register("mocov2")
+class MoCoV2(Method):
+    config_class = MoCoV2Config
+    required_views = ("q", "k")
+
+    def __init__(self, cfg: MoCoV2Config, model_cfg: Any) -> None:
+        super().__init__(cfg, model_cfg)
+        backbone = build_backbone(model_cfg)
+        hidden = cfg.proj_hidden_dim or backbone.dim
+        self.encoder_q = Encoder(backbone, MLP(backbone.dim, hidden, cfg.proj_dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.queue = MemoryQueue(cfg.queue_size, cfg.proj_dim)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder_q, self.encoder_k)]
+
+    def backbone_for(self, branch: Optional[str] = None) -> ResNetBackbone:
+        return self.encoder_k.backbone if branch == "teacher" else self.encoder_q.backbone
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """Key embeddings with shuffle-BN (shuffled across ranks / BN splits, then restored)."""
+        if not self.cfg.shuffle_bn:
+            return self.encoder_k(x)[0]
+        x, unshuffle = batch_shuffle(x)
+        return batch_unshuffle(self.encoder_k(x)[0], unshuffle)
+
+    def contrast(self, x_q: Tensor, x_k: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """InfoNCE of queries from ``x_q`` against the key of ``x_k`` and the queue. Returns
+        (loss, logits, keys, query-branch backbone outputs) so plug-ins (SCD, DSC) can reuse the forward."""
+        q, out_q = self.encoder_q(x_q)
+        k = self.keys(x_k)
+        loss, logits = info_nce(q, k, self.queue.queue.clone(), self.cfg.temperature)  # enqueued in place later
+        return loss, logits, k, out_q
+
+    def training_step(self, batch: dict, progress: Any) -> dict[str, Tensor]:
+        x_q, x_k = batch["views"]["q"], batch["views"]["k"]
+        loss, logits, k, _ = self.contrast(x_q, x_k)
+        keys = [k]
+        if self.cfg.symmetric:
+            loss2, _, k2, _ = self.contrast(x_k, x_q)
+            loss = (loss + loss2) / 2
+            keys.append(k2)
+        for key in keys:
+            self.queue.enqueue(key)
+        acc = (logits.argmax(dim=1) == 0).float().mean() * 100
+        return {"loss": loss, "acc1": acc.detach()}

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny built-in dataset and a tiny MoCo-v2 config that runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from semssl.config import Config, load_config
+from semssl.data.synthetic import SynthConfig, ensure_synthetic
+
+TINY_SYNTH = SynthConfig(seed=0, object_size=32, scene_size=64, n_train_objects=96, n_test_objects=40,
+                         n_train_scenes=8, n_test_scenes=4, num_classes=4, workers=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests share 2 cores with each other and with data workers: keep torch to one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    return ensure_synthetic(root, TINY_SYNTH)
+
+
+def tiny_overrides(synth_root: Path, out_dir: Path) -> list[str]:
+    s = TINY_SYNTH
+    return [
+        f"data.synthetic.root={synth_root}", f"data.synthetic.object_size={s.object_size}",
+        f"data.synthetic.scene_size={s.scene_size}", f"data.synthetic.n_train_objects={s.n_train_objects}",
+        f"data.synthetic.n_test_objects={s.n_test_objects}", f"data.synthetic.n_train_scenes={s.n_train_scenes}",
+        f"data.synthetic.n_test_scenes={s.n_test_scenes}", f"data.synthetic.num_classes={s.num_classes}",
+        f"data.synthetic.workers={s.workers}",
+        "data.batch_size=16", "data.num_workers=0", "data.views.0.size=32", "data.views.1.size=32",
+        "data.eval_size=32", "model.arch=resnet18", "model.bn_splits=2", "method.queue_size=64",
+        "trainer.max_steps=0", "trainer.max_epochs=2", "trainer.progress_bar=false",
+        f"trainer.out_dir={out_dir}", "trainer.log_every_n_steps=1", "eval.linear.epochs=5",
+        "eval.knn_k=[5,20]", "eval.batch_size=64",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_synth, tmp_path) -> Config:
+    return load_config(None, tiny_overrides(tiny_synth, tmp_path / "runs"))

@@ -1,0 +1,76 @@
+"""Config tree: recipes, overrides, typed validation with suggestions."""
+
+from pathlib import Path
+
+import pytest
+
+from semssl.config import (Config, ConfigError, apply_overrides, from_dict, list_recipes, load_config, load_yaml,
+                           to_dict)
+from semssl.methods import DEFAULT_RECIPE
+
+
+def test_every_packaged_recipe_loads():
+    names = list_recipes()
+    assert DEFAULT_RECIPE in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method.name
+        assert from_dict(Config, to_dict(cfg)) == cfg  # round trip
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(DEFAULT_RECIPE, ["optim.lr=0.1", "data.batch_size=32", "data.views.0.size=48",
+                                       "method.queue_size=512", "trainer.devices=2", "optim.warmup=5%"])
+    assert cfg.optim.lr == 0.1 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 32
+    assert cfg.data.views[0].size == 48 and cfg.data.views[1].size != 48
+    assert cfg.method.queue_size == 512
+    assert cfg.trainer.devices == 2
+    assert cfg.optim.warmup == "5%"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "did you mean 'lr'"),
+    ("optimm.lr=0.1", "did you mean 'optim'"),
+    ("method.queue_sise=3", "did you mean 'queue_size'"),
+    ("data.batch_size=abc", "data.batch_size: expected an integer"),
+    ("optim.name=sgdd", "did you mean 'sgd'"),
+    ("model.arch=resnet19", "model.arch"),
+    ("data.views.5.size=3", "list of 2 items"),
+    ("trainer.progress_bar=3", "expected true/false"),
+    ("method.name=mocov3", "unknown method 'mocov3'"),
+])
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(DEFAULT_RECIPE, [override])
+
+
+def test_unknown_recipe_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config(DEFAULT_RECIPE[:-2])
+
+
+def test_recipe_base_and_bad_yaml(tmp_path: Path):
+    base = tmp_path / "base.yaml"
+    base.write_text("method: {name: mocov2, queue_size: 256}\noptim: {lr: 0.5}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptim: {weight_decay: 0.001}\n")
+    data = load_yaml(child)
+    assert data["optim"] == {"lr": 0.5, "weight_decay": 0.001}
+    cfg = load_config(child)
+    assert cfg.method.queue_size == 256 and cfg.optim.lr == 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_yaml(loop)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="empty key"):
+        apply_overrides({}, ["optim..lr=1"])
