@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from semssl.data.augment import normalize
 from semssl.data.views import (
     CropParams,
     MultiViewTransform,
@@ -230,6 +231,9 @@ def test_whole_image_view_geometry_is_full_image() -> None:
     out = t({"image": img, "label": 0, "index": 0})
     assert out["geometry"]["x1"].tolist() == [[0.0, 0.0, 48.0, 40.0, 0.0]]
     assert torch.equal(out["views"]["x1"][0], F.resize(img, [32, 32], antialias=True))  # aspect not kept
+    normalized = MultiViewTransform([ViewSpec("x1", 32, whole_image=True, recipe="none", flip_p=0.0)])
+    out_n = normalized({"image": img, "label": 0, "index": 0})["views"]["x1"][0]
+    torch.testing.assert_close(out_n, normalize(F.resize(img, [32, 32], antialias=True)), atol=1e-5, rtol=0)
     flipped = _raw(ViewSpec("x1", 32, whole_image=True, recipe="none", flip_p=1.0))
     out = flipped({"image": img, "label": 0, "index": 0})
     assert out["geometry"]["x1"][0, 4] == 1.0

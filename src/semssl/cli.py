@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `semssl` console script."""
     from semssl.config import ConfigError
 
     parser = build_parser()

@@ -146,7 +146,7 @@ class TrainerConfig:
 @dataclass
 class FastProbeConfig:
     epochs: int = 100
-    lrs: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
+    lrs: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0])
     holdout: float = 0.1
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -71,3 +71,16 @@ def batch_unshuffle(x: Tensor, unshuffle: Tensor) -> Tensor:
     local = x.shape[0]
     gathered = concat_all_gather(x)
     return gathered[unshuffle.view(world_size(), local)[rank()]]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics, queues, centres) to every rank, in place.
+
+    DDP does this before every forward, so after the last step each rank's buffers hold its own last local
+    update. Call it before evaluating a model that every rank evaluates a shard of, so all ranks use the
+    buffers the checkpoint (written by rank 0) holds."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -299,7 +299,7 @@ def array_to_tensor(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 # Decision (layout): the kernels work on planar float32 [3, H, W] arrays.  NumPy broadcasting over a trailing
-# axis of 3 (HWC) is several times slower; OpenCV, which needs HWC, is only used where it pays (HSV, blur).
+# axis of 3 (HWC) is several times slower.  OpenCV does the HSV conversion (on an HWC copy) and the blur (per plane).
 _GRAY = np.asarray(GRAY_WEIGHTS, dtype=np.float32)
 
 
@@ -308,11 +308,17 @@ def _gray(x: np.ndarray) -> np.ndarray:
     return (_GRAY @ x.reshape(3, -1)).reshape(x.shape[1:])
 
 
+def _clip01(x: np.ndarray) -> np.ndarray:
+    """Clamp to [0, 1] in place (two ufunc calls: ``np.clip``'s Python wrapper costs more than the work here)."""
+    np.maximum(x, np.float32(0.0), out=x)
+    return np.minimum(x, np.float32(1.0), out=x)
+
+
 def _blend(x: np.ndarray, other: np.ndarray | np.float32, factor: float) -> np.ndarray:
     """torchvision's float ``_blend``: clamp(factor * x + (1 - factor) * other, 0, 1)."""
     out = x * np.float32(factor)
     out += np.float32(1.0 - factor) * other
-    return np.clip(out, 0.0, 1.0, out=out)
+    return _clip01(out)
 
 
 def _brightness(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
@@ -320,7 +326,7 @@ def _brightness(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
     if f is None:
         return x
     out = x * np.float32(f)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return _clip01(out)
 
 
 def _contrast(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
@@ -343,7 +349,7 @@ def _hue(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
     # float HSV2RGB reduces any non-negative hue modulo 360 (covered by the parity test with f < 0).
     hsv[..., 0] += np.float32(f * 360.0 + 360.0)
     rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    return np.clip(np.ascontiguousarray(rgb.transpose(2, 0, 1)), 0.0, 1.0)
+    return _clip01(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 def _blur(x: np.ndarray, kernel_size: int, sigma: float) -> np.ndarray:

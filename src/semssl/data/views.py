@@ -306,13 +306,14 @@ class MultiViewTransform:
     def _finish_image(self, image: torch.Tensor, photometric: PhotometricTransform) -> torch.Tensor:
         """Photometric recipe, then ImageNet normalisation (float32) or re-quantisation (uint8)."""
         if photometric.recipe.is_identity and not self.normalize:
-            return image.clone()  # the crop may be a view of the source tensor
+            return image.clone(memory_format=torch.contiguous_format)  # the crop may view the source tensor
         x = photometric.apply_array(tensor_to_array(image), photometric.make_params([]))
         if self.normalize:
             x -= self._mean  # x is a fresh [3, H, W] array owned here: normalise in place
             x *= self._inv_std
             return torch.from_numpy(x)
         return torch.from_numpy(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8))
+
 
 def render_crop(
     image: torch.Tensor,
@@ -550,8 +551,9 @@ def view_to_source(
     boxes: torch.Tensor, geometry: torch.Tensor, view_size: int | Sequence[int]
 ) -> torch.Tensor:
     """Map boxes ``[..., N, 4]`` from a view's pixels to source-image pixels: undo the flip, then scale by the
-    crop box and offset by its corner.  ``geometry`` is ``[5]`` or ``[..., 5]`` matching the boxes' leading
-    dims (e.g. batch boxes ``[n_crops*B, P, 4]`` with batch geometry ``[n_crops*B, 5]``)."""
+    crop box and offset by its corner.  ``geometry`` is ``[5]`` or ``[..., 5]``; ``geometry[..., None, :]``
+    broadcasts against the boxes (e.g. batch boxes ``[n_crops*B, P, 4]`` with batch geometry
+    ``[n_crops*B, 5]``, or one box ``[1, 4]`` against many crops ``[K, 5]`` -> ``[K, 1, 4]``)."""
     boxes, g = _check_boxes_geometry(boxes, geometry)
     vh, vw = _view_hw(view_size)
     x1, y1, x2, y2 = boxes.unbind(-1)

@@ -143,17 +143,32 @@ def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
     return ViewDataset(source, transform, seed=cfg.trainer.seed)
 
 
-def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0) -> DataLoader:
+def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0, epoch: int = 0) -> DataLoader:
+    """The training loader: ``(epoch, index)`` keys from an :class:`EpochSampler` already set to ``epoch``.
+
+    Decision: the sampler starts at ``epoch`` (the epoch the run is at; > 0 on resume). Lightning creates the
+    loader's first iterator before it calls ``set_epoch``, and with workers the iterator prefetches indices at
+    creation, so a resumed run would otherwise replay epoch 0's order in its first epoch.
+
+    Decision: the loader has its own ``torch.Generator``. A DataLoader draws a base seed for its workers from
+    ``loader.generator`` — the global RNG when none is given — each time it creates an iterator (every epoch,
+    or once with persistent workers). Augmentations are seeded per sample, so that draw only disturbed the
+    global RNG the method uses (shuffle-BN permutations), differently with and without workers and after a
+    resume; with a private generator the method's random stream depends on neither.
+    """
     if len(dataset) < cfg.data.batch_size * world_size:
         from semssl.data.sources import DataError
 
         raise DataError(f"data.train: {len(dataset)} images are fewer than one global batch "
                         f"({cfg.data.batch_size} x {world_size} processes); lower data.batch_size")
     sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
+    sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
+    generator = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, -1 - rank))
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, collate_fn=collate_views, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
+                      generator=generator)
 
 
 def eval_loader(path: str, cfg: Any, world_size: int = 1, rank: int = 0, size: Optional[int] = None) -> DataLoader:

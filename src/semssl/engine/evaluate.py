@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from semssl.distributed import rank, world_size
+from semssl.distributed import broadcast_buffers, rank, world_size
 from semssl.engine.data import eval_loader
 from semssl.eval.features import extract_features
 from semssl.eval.knn import knn_evaluate
@@ -71,6 +71,7 @@ class KNNMonitor(pl.Callback):
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every and not last and not trainer.should_stop:
             return
+        broadcast_buffers(pl_module.method)  # rank 0's BatchNorm statistics on every rank (what is checkpointed)
         backbone = pl_module.method.backbone_for(None)
         res = evaluate_backbone(backbone, self.cfg, self.train_path, self.test_path, linear=False,
                                 device=pl_module.device)

@@ -23,10 +23,11 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from semssl.config import Config, ConfigError, dump_config, from_dict, load_yaml, apply_overrides
+from semssl.distributed import broadcast_buffers
 from semssl.engine.checkpoint import AtomicCheckpointIO
 from semssl.engine.data import build_train_dataset, resolve_paths, steps_per_epoch, train_loader
 from semssl.engine.evaluate import KNNMonitor, describe, evaluate_backbone
@@ -45,7 +46,71 @@ class SSLDataModule(pl.LightningDataModule):
         self.cfg, self.dataset = cfg, dataset
 
     def train_dataloader(self):
-        return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank)
+        # the epoch the fit loop is at (restored on resume); Lightning passes the same number to set_epoch
+        epoch = int(self.trainer.fit_loop.epoch_progress.current.processed)
+        return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank, epoch)
+
+
+class RunFolder(pl.Callback):
+    """Makes every process use global rank 0's run folder; rank 0 creates it and writes ``config.yaml``.
+
+    Decision: ``config.yaml`` is (re)written on resume too, with the overrides given then (e.g. a longer
+    ``trainer.max_epochs``), so a run that is interrupted again resumes with the config it was running.
+
+    Decision: the folder is settled in ``setup``, the first hook after the process group exists. Processes
+    that were launched externally (torchrun, SLURM, or any launcher that sets ``LOCAL_RANK``) each call
+    :func:`pretrain` and name a folder on their own (a timestamp, a ``-2`` suffix if it already exists), so
+    they can disagree; broadcasting rank 0's choice makes the return value, ``metrics.json`` and the
+    checkpoints agree, and no other rank creates a stray folder. (Lightning's loggers write on rank 0 only,
+    and :class:`LastCheckpoint` broadcasts its folder from rank 0 too.)
+    """
+
+    def __init__(self, cfg: Config, path: Path) -> None:
+        self.cfg, self.path = cfg, Path(path)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.path = Path(trainer.strategy.broadcast(str(self.path), src=0))
+        os.environ[RUN_DIR_ENV] = str(self.path)
+        if trainer.is_global_zero:
+            self.path.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.path / "config.yaml")
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``checkpoints/last.ckpt`` (through the trainer's atomic checkpoint IO, on global rank 0) at the end
+    of every ``every_n_epochs``-th training epoch, of the last epoch, and when training ends mid-epoch
+    (``trainer.max_steps``).
+
+    Decision: not Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)``: that one writes ``last.ckpt``
+    only in a step where it also wrote a top-k checkpoint — with ``save_top_k=0`` never before training ends —
+    so a run killed, or stopped by the NaN guard, in epoch 10 had no checkpoint to resume from.
+    """
+
+    def __init__(self, dirpath: Path, every_n_epochs: int) -> None:
+        self.dirpath, self.every_n_epochs = Path(dirpath), every_n_epochs
+        self._saved_step = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.dirpath = Path(trainer.strategy.broadcast(str(self.dirpath), src=0))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        periodic = self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0
+        last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch
+        if periodic or last:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)  # every rank calls it (a barrier); rank 0 writes
+        self._saved_step = trainer.global_step
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -77,8 +142,7 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) 
     t = cfg.trainer
     loggers = [TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
                CSVLogger(str(run_dir), name="logs", version="csv")]
-    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                           every_n_epochs=t.checkpoint_every_n_epochs, save_on_train_epoch_end=True)
+    ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs)
     if t.progress_bar:
         callbacks = [*callbacks, RichProgressBar(leave=True)]
     strategy = t.strategy
@@ -95,7 +159,23 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) 
 
 
 def pretrain(cfg: Config, resume: Optional[Path] = None, console: Any = None) -> Path:
-    """Pre-train, evaluate (trained vs random init) and return the run folder."""
+    """Pre-train, evaluate (trained vs random init) and return the run folder (the same on every rank).
+
+    ``SEMSSL_RUN_DIR`` names the folder for the processes Lightning launches for DDP while this call runs.
+    Decision: it is restored afterwards, so a second ``pretrain`` in the same process gets a folder of its own
+    instead of silently reusing (and overwriting) the first run's.
+    """
+    previous = os.environ.get(RUN_DIR_ENV)
+    try:
+        return _pretrain(cfg, resume, console)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     start = time.time()
@@ -115,10 +195,8 @@ def pretrain(cfg: Config, resume: Optional[Path] = None, console: Any = None) ->
     module = SSLModule(cfg)
     random_backbone = copy.deepcopy(module.method.backbone_for(None))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        dump_config(cfg, run_dir / "config.yaml")
-    callbacks: list = []
+    folder = RunFolder(cfg, run_dir)
+    callbacks: list = [folder]
     monitor = None
     if cfg.trainer.knn_every_n_epochs > 0 and paths["eval_train"] and paths["eval_test"]:
         monitor = KNNMonitor(cfg, paths["eval_train"], paths["eval_test"], cfg.trainer.knn_every_n_epochs)
@@ -131,11 +209,14 @@ def pretrain(cfg: Config, resume: Optional[Path] = None, console: Any = None) ->
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
     log.info("run folder: %s (%d images, %d steps/epoch, %d epochs)", run_dir, len(dataset), spe, max_epochs)
     trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    run_dir = folder.path
     train_seconds = time.time() - start
 
     metrics: dict[str, Any] = {}
     if cfg.eval.enabled and paths["eval_train"] and paths["eval_test"]:
         device = module.device
+        # under DDP each rank's BatchNorm statistics hold its own last batch: evaluate rank 0's, the checkpoint's
+        broadcast_buffers(module.method)
         trained = evaluate_backbone(module.method.backbone_for(None), cfg, paths["eval_train"],
                                     paths["eval_test"], device=device)
         metrics["trained"] = trained

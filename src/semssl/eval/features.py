@@ -4,7 +4,8 @@ An evaluation sees a frozen encoder as a plain callable ``encoder(images) -> [B,
 are dicts with ``"image"`` (a normalised ``[C, H, W]`` float tensor after the evaluation transform),
 ``"label"`` (int) and, optionally, ``"index"`` (the sample's position in its dataset). This module turns such a
 loader into one ``[N, D]`` float32 feature matrix and its ``[N]`` int64 labels, on one process or sharded over
-the ranks of a ``torch.distributed`` job.
+the ranks of a ``torch.distributed`` job. It also holds what every evaluation protocol shares: the input error
+class (``EvalInputError``, a ``ValueError``) and the checks of feature matrices, labels and batches.
 
 Distributed extraction: when a process group with more than one rank is initialised and the loader's sampler
 shards the dataset (a ``DistributedSampler``), every rank extracts its shard, the shards are all-gathered
@@ -30,6 +31,7 @@ __all__ = [
     "check_features",
     "check_labels",
     "extract_features",
+    "infer_num_classes",
     "loader_sampler",
 ]
 
@@ -67,6 +69,18 @@ def check_labels(labels: Tensor, name: str, length: int, num_classes: int) -> No
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise EvalInputError(f"{name}: labels must lie in [0, {num_classes}), found values in [{low}, {high}]")
+
+
+def infer_num_classes(train_labels: Tensor, test_labels: Tensor, num_classes: int | None = None) -> int:
+    """``num_classes`` when given (checked positive), else max label + 1 over both splits."""
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise EvalInputError(f"num_classes: expected a positive int or None, got {num_classes!r}")
+        return num_classes
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if not isinstance(labels, Tensor) or labels.numel() == 0:
+            raise EvalInputError(f"{name}: expected a non-empty 1-D integer tensor")
+    return int(max(int(train_labels.max()), int(test_labels.max()))) + 1
 
 
 def batch_images_labels(batch: Any, where: str) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semssl.eval.features import EvalInputError, check_features, check_labels
+from semssl.eval.features import EvalInputError, check_features, check_labels, infer_num_classes
 
 __all__ = ["knn_evaluate", "knn_predict"]
 
@@ -149,7 +149,7 @@ def knn_evaluate(
     check_features(train_features, "train_features")
     check_features(test_features, "test_features")
     _check_same_dim(train_features, test_features, "test_features")
-    num_classes = _num_classes(train_labels, test_labels)
+    num_classes = infer_num_classes(train_labels, test_labels)
     _check_args(num_classes, ks, temperature, chunk_size)
     check_labels(train_labels, "train_labels", train_features.shape[0], num_classes)
     check_labels(test_labels, "test_labels", test_features.shape[0], num_classes)
@@ -163,14 +163,6 @@ def knn_evaluate(
             hits[k][0] += top1
             hits[k][1] += top5
     return _format(hits, ks, test_features.shape[0], memory.shape[0], temperature)
-
-
-def _num_classes(train_labels: Tensor, test_labels: Tensor) -> int:
-    """max label + 1 over both splits (labels are validated afterwards)."""
-    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
-        if not isinstance(labels, Tensor) or labels.numel() == 0:
-            raise EvalInputError(f"{name}: expected a non-empty 1-D integer tensor")
-    return int(max(train_labels.max(), test_labels.max())) + 1
 
 
 def _format(hits: dict[int, list[int]], ks: list[int], n_test: int, n_memory: int,

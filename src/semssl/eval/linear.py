@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from semssl.eval.features import EvalInputError, batch_images_labels, check_features, check_labels, loader_sampler
+from semssl.eval.features import (
+    EvalInputError,
+    batch_images_labels,
+    check_features,
+    check_labels,
+    infer_num_classes,
+    loader_sampler,
+)
 
 __all__ = ["FastLinearConfig", "LinearConfig", "linear_fast", "linear_standard"]
 
@@ -50,12 +57,15 @@ def _topk_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ fast protocol
 @dataclass
 class FastLinearConfig:
-    """Fast linear probe on pre-computed features.
+    """Fast linear probe on pre-computed features (DESIGN.md "Evaluation protocols", fast protocol).
 
-    Decision: features are standardised per dimension with the statistics of the rows the classifier is
-    fit on (`standardize`), which makes one lr grid fit every backbone, width and feature scale. With
-    standardised inputs the searched grid (`lrs`) brackets the good range measured on ResNet-18 features of
-    the CIFAR-10 slice (see ``linear_fast``).
+    Decision: ``standardize`` maps every feature dimension to zero mean and unit variance with the statistics
+    of the rows the classifier is fit on, then scales by 1/sqrt(D) (see ``_Standardizer``), so one lr grid
+    fits every backbone, width and feature scale. Decision: the searched ``lrs`` (0.3, 1, 3, 10) bracket the
+    optima measured with this scaling (5000 train / 1000 test, 100 epochs, batch 256): 0.3-3 on random-init
+    ResNet-18 features (512-d) and on raw pixels (3072-d) of the CIFAR-10 slice, 10 on well-separated
+    Gaussian classes (512-d). With ``standardize=False`` the lrs must suit the raw feature scale.
+    ``momentum`` is SGD's (0.9, as in every released linear-probe script).
     """
 
     epochs: int = 100
@@ -73,8 +83,8 @@ class FastLinearConfig:
             raise EvalInputError(f"FastLinearConfig.epochs: expected >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise EvalInputError(f"FastLinearConfig.batch_size: expected >= 1, got {self.batch_size}")
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise EvalInputError(f"FastLinearConfig.lrs: expected one or more positive lrs, got {self.lrs}")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs) or len(set(self.lrs)) != len(self.lrs):
+            raise EvalInputError(f"FastLinearConfig.lrs: expected one or more distinct positive lrs, got {self.lrs}")
         if self.weight_decay < 0:
             raise EvalInputError(f"FastLinearConfig.weight_decay: expected >= 0, got {self.weight_decay}")
         if len(self.lrs) > 1 and not 0 < self.holdout < 1:
@@ -89,10 +99,10 @@ class _Standardizer:
     """Per-dimension affine map x -> (x - mean) / scale fit on one set of rows (identity when disabled).
 
     Decision: scale = std * sqrt(D), i.e. per-dimension standardisation followed by one global 1/sqrt(D), so
-    the mean squared feature norm is 1 whatever the width. The curvature of the cross-entropy is then at most
-    1/2 in every direction (Hessian <= E[x x^T] / 2, whose trace is 1/2), so SGD with momentum 0.9 is stable
-    for lr below ~2(1 + 0.9) / 0.5 = 7.6 even for fully correlated features, and one lr grid serves 512-d and
-    2048-d backbones alike.
+    the mean squared feature norm is 1 whatever the width D. The softmax cross-entropy's Hessian is at most
+    1/2 x E[x x^T] (plus the bias term), whose norm is then bounded by a constant independent of D and of the
+    correlation between dimensions, so the same lrs suit 512-d and 2048-d backbones. A dimension that is
+    constant on the fit rows is only centred.
     """
 
     mean: Tensor
@@ -226,18 +236,6 @@ def _search_lr(x: Tensor, y: Tensor, num_classes: int, config: FastLinearConfig)
     return best, top1, loss
 
 
-def _resolve_classes(train_labels: Tensor, test_labels: Tensor, num_classes: int | None) -> int:
-    """``num_classes`` or, when None, max label + 1 over both splits."""
-    if num_classes is None:
-        for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
-            if not isinstance(labels, Tensor) or labels.numel() == 0:
-                raise EvalInputError(f"{name}: expected a non-empty 1-D integer tensor")
-        return int(max(train_labels.max(), test_labels.max())) + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise EvalInputError(f"num_classes: expected a positive int or None, got {num_classes!r}")
-    return num_classes
-
-
 def linear_fast(
     train_features: Tensor,
     train_labels: Tensor,
@@ -248,15 +246,17 @@ def linear_fast(
 ) -> dict[str, Any]:
     """Fast linear probe: lr search on a stratified held-out part of the train split, refit, test.
 
-    For each lr of ``config.lrs`` a classifier (nn.Linear, N(0, 0.01) init) is trained for ``config.epochs``
-    epochs (SGD momentum 0.9, cosine lr per iteration, shuffled mini-batches) on the train split minus a
-    seeded, stratified ``holdout`` fraction and scored on that fraction; the best lr is refit on the whole
-    train split and evaluated on the test split. Returns percentages ``linear_top1`` / ``linear_top5``,
-    ``best_lr``, ``val_top1_per_lr`` and ``val_loss_per_lr`` (keys are the lrs formatted with ``%g``, so the
-    dict is JSON-ready), ``protocol: "fast"`` and the settings used. Deterministic for ``config.seed``.
+    For each lr of ``config.lrs`` a linear classifier (an ``nn.Linear`` equivalent, N(0, 0.01) init) is
+    trained for ``config.epochs`` epochs (SGD momentum 0.9, cosine lr per iteration, shuffled mini-batches) on
+    the train split minus a seeded, stratified ``holdout`` fraction and scored on that fraction; the best lr
+    is refit on the whole train split and evaluated on the test split. Returns percentages ``linear_top1`` /
+    ``linear_top5``, ``best_lr``, ``val_top1_per_lr`` and ``val_loss_per_lr`` (keys are the lrs formatted
+    with ``%g``, so the dict is JSON-ready), ``protocol: "fast"`` and the settings used (``epochs``,
+    ``standardize``, ``seed``). Deterministic for ``config.seed``. Features may be float16/32/64, any device
+    (the probe runs in float32 on CPU).
     """
     config = config or FastLinearConfig()
-    num_classes = _resolve_classes(train_labels, test_labels, num_classes)
+    num_classes = infer_num_classes(train_labels, test_labels, num_classes)
     check_features(train_features, "train_features")
     check_features(test_features, "test_features")
     if test_features.shape[1] != train_features.shape[1]:
@@ -316,7 +316,9 @@ class LinearConfig:
         if not self.lr > 0:
             raise EvalInputError(f"LinearConfig.lr: expected > 0, got {self.lr}")
         if any(m <= 0 for m in self.milestones):
-            raise EvalInputError(f"LinearConfig.milestones: expected positive epochs/fractions, got {self.milestones}")
+            raise EvalInputError(
+                f"LinearConfig.milestones: expected positive epochs or fractions, got {self.milestones}"
+            )
 
     def milestone_epochs(self) -> list[float]:
         """Milestones in epochs (fractions converted)."""
@@ -394,7 +396,7 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss) * labels.numel()
+        total_loss += float(loss.detach()) * labels.numel()
         hits += int((logits.argmax(dim=1) == labels).sum())
         seen += labels.numel()
     if seen == 0:

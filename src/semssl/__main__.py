@@ -1,0 +1,4 @@
+from semssl.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""The benchmark harness: FLOP counting, interleaved timing, the engine-faithful method step, the data throughput
+and process-tree helpers, the benchmark scripts' option checks, and the SplitBatchNorm2d autograd fix they led to."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semssl.bench import (BenchError, MethodStep, ProcessTreeSampler, SupervisedStep, count_flops, data_batch,
+                          data_throughput, markdown_table, process_tree, random_views, summarize, time_interleaved,
+                          tree_cpu_seconds)
+from semssl.models.backbones import SplitBatchNorm2d
+from conftest import tiny_overrides
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def test_count_flops_of_a_linear_layer_forward_and_backward():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    fwd = count_flops(lambda: layer(x))
+    assert fwd.total == 2 * 2 * 8 * 4 and set(fwd.by_op) == {"addmm"}
+    both = count_flops(lambda: layer(x).sum().backward())
+    assert both.total == 3 * fwd.total  # forward + grad input + grad weight
+
+
+def test_time_interleaved_alternates_and_skips_warmup():
+    calls: list[str] = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_interleaved(steps, n_steps=3, warmup=2)
+    assert calls == ["a", "b"] * 5
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(BenchError, match="--steps"):
+        time_interleaved(steps, n_steps=0)
+
+
+def test_summarize_and_markdown_table():
+    s = summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+    assert s["median"] == 3.0 and s["min"] == 1.0 and s["max"] == 10.0 and s["n"] == 5
+    table = markdown_table(["step", "ms"], [("a", 1), ("b", 2)])
+    assert table.splitlines() == ["| step | ms |", "|---|---:|", "| a | 1 |", "| b | 2 |"]
+    with pytest.raises(BenchError):
+        markdown_table(["a", "b"], [("only one",)])
+
+
+def test_supervised_step_trains():
+    images = torch.randn(4, 3, 32, 32)
+    step = SupervisedStep(images, arch="resnet18", num_classes=5, small_input=True)
+    before = step.classifier.weight.detach().clone()
+    loss = step()
+    assert torch.isfinite(loss) and not torch.equal(before, step.classifier.weight)
+    with pytest.raises(BenchError, match="num-classes"):
+        SupervisedStep(images, num_classes=1)
+
+
+def test_method_step_does_what_the_engine_does(tiny_cfg):
+    views = random_views(tiny_cfg, tiny_cfg.data.batch_size)
+    assert views["q"].shape == (16, 3, 32, 32)
+    step = MethodStep(tiny_cfg, {"views": views})
+    method = step.method
+    teacher = next(method.encoder_k.parameters()).detach().clone()
+    student = next(method.encoder_q.parameters()).detach().clone()
+    step()
+    step()
+    assert step.step == 2 and int(method.queue.ptr) == 2 * 16 % method.queue.size
+    assert not torch.equal(student, next(method.encoder_q.parameters()))  # optimiser step
+    assert not torch.equal(teacher, next(method.encoder_k.parameters()))  # EMA update
+    assert step.optimizer.param_groups[0]["lr"] > 0  # the schedule's value was set
+
+
+def test_method_step_flops_add_one_key_forward_to_supervised(tiny_cfg):
+    views = random_views(tiny_cfg, tiny_cfg.data.batch_size)
+    moco = count_flops(MethodStep(tiny_cfg, {"views": views}))
+    sup = count_flops(SupervisedStep(views["q"], arch="resnet18", num_classes=10))
+    # same trunk and batch: MoCo runs the trunk forward twice (query, key) and backward once
+    assert moco.by_op["convolution"] == 2 * sup.by_op["convolution"]
+    assert moco.by_op["convolution_backward"] == sup.by_op["convolution_backward"]
+    assert moco.total > sup.total
+
+
+def test_method_step_on_a_real_batch(tiny_cfg):
+    batch = data_batch(tiny_cfg, 16)
+    assert batch["views"]["q"].shape == (16, 3, 32, 32) and batch["geometry"]["k"].shape[0] == 16
+    step = MethodStep(tiny_cfg, batch)
+    assert torch.isfinite(step())
+    with pytest.raises(BenchError, match="only 96 images"):
+        data_batch(tiny_cfg, 128)
+
+
+def test_method_step_names_missing_views(tiny_cfg):
+    with pytest.raises(BenchError, match="needs views"):
+        MethodStep(tiny_cfg, {"views": {"q": torch.randn(16, 3, 32, 32)}})
+
+
+def test_data_throughput_counts_samples_and_reports_running_out():
+    batch = {"views": {"q": torch.zeros(4, 3, 8, 8), "k": torch.zeros(4, 3, 8, 8)}, "index": torch.arange(4)}
+    res = data_throughput([batch] * 5, batches=3, warmup_batches=2)
+    assert res["samples"] == 12 and res["views_per_s"] == pytest.approx(2 * res["samples_per_s"])
+    with pytest.raises(BenchError, match="ran out"):
+        data_throughput([batch] * 2, batches=3, warmup_batches=1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+def test_process_tree_memory_and_cpu():
+    assert process_tree(os.getpid())[0] == os.getpid()
+    sampler = ProcessTreeSampler(os.getpid())
+    sampler.sample()
+    mem = sampler.result_mb()
+    assert mem["tree_peak_pss_mb"] > 0 and mem["tree_peak_rss_sum_mb"] >= mem["tree_peak_pss_mb"]
+    assert tree_cpu_seconds(os.getpid()) > 0
+
+
+# ---------------------------------------------------------------------------------------------- the fix
+def test_split_batchnorm_with_inplace_relu_matches_per_split_reference():
+    """The regrouped output is not an autograd view (no CopySlices after an in-place ReLU) and its gradients
+    equal those of plain BatchNorm applied to each split."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    split = SplitBatchNorm2d(4, num_splits=2).train()
+    out = torch.relu_(split(x))
+    assert type(out.grad_fn).__name__ != "CopySlices"
+    (out * torch.arange(out.numel()).view_as(out).float().sin()).sum().backward()
+
+    ref_x = x.detach().clone().requires_grad_()
+    refs = [torch.nn.BatchNorm2d(4).train() for _ in range(2)]
+    ref_out = torch.stack([F.relu(refs[k](ref_x[k::2])) for k in range(2)], 1).reshape_as(ref_x)
+    (ref_out * torch.arange(ref_out.numel()).view_as(ref_out).float().sin()).sum().backward()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(split.weight.grad, refs[0].weight.grad + refs[1].weight.grad)
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+def test_step_time_refuses_small_images_and_bad_batches(capsys):
+    step_time = load_script("step_time")
+    assert step_time.main(["--size", "64"]) == 2
+    assert "use >= 96 px" in capsys.readouterr().err
+    assert step_time.main(["--batch", "12"]) == 2  # the main recipe has bn_splits 8
+    assert "not divisible by the recipe's model.bn_splits=8" in capsys.readouterr().err
+    assert step_time.main(["model.nope=1"]) == 2
+    assert "model.nope" in capsys.readouterr().err
+
+
+def test_step_time_end_to_end(tmp_path, capsys):
+    step_time = load_script("step_time")
+    out = tmp_path / "st.json"
+    assert step_time.main(["--batch", "8", "--size", "96", "--steps", "1", "--warmup", "0",
+                           "--num-classes", "10", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "mocov2" and res["queue_size"] == 1024 and res["bn_splits"] == 8
+    assert 1.2 < res["flop_ratio"] < 1.5  # one extra trunk forward on top of forward + backward
+    assert res["time_over_flop_ratio"] == pytest.approx(res["time_ratio"] / res["flop_ratio"], abs=2e-3)
+    assert "| time ratio | FLOP ratio |" in capsys.readouterr().out
+
+
+def test_data_throughput_script_on_tiny_data(tiny_synth, tmp_path, capsys):
+    script = load_script("data_throughput")
+    out = tmp_path / "dt.json"
+    overrides = tiny_overrides(tiny_synth, tmp_path / "runs")
+    assert script.main(["--workers", "0", "--batches", "2", "--warmup", "1", "--out", str(out), *overrides]) == 0
+    res = json.loads(out.read_text())
+    assert res["results"][0]["workers"] == 0 and res["results"][0]["samples"] == 32
+    assert res["results"][0]["samples_per_s"] > 0
+    assert script.main(["--batches", "50", *overrides]) == 2
+    assert "Lower --batches" in capsys.readouterr().err
+
+
+def test_main_job_helpers(tmp_path):
+    main_job = load_script("main_job")
+    assert main_job.with_run_name(["trainer.run_name=x"]) == ["trainer.run_name=x"]
+    assert main_job.with_run_name([])[0].startswith("trainer.run_name=main_job-bench-")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BenchError, match="exists already"):
+        main_job.run_dir_of(None, [f"trainer.out_dir={tmp_path}", "trainer.run_name=taken"])
+    assert main_job.run_dir_of(None, [f"trainer.out_dir={tmp_path}", "trainer.run_name=new"]) == tmp_path / "new"
+    rows = main_job.accuracy_rows({"trained": {"knn_top1": 50.0, "linear_top1": 60.0},
+                                   "random_init": {"knn_top1": 40.0, "linear_top1": 45.5}})
+    assert rows[-1] == ("gain", "+10.00", "+14.50")
+    assert main_job.semssl_command()[-1].endswith(("semssl", "semssl.cli"))
