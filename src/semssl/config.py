@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from semssl.data.synthetic import SynthConfig
+
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -47,19 +49,11 @@ class ViewConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """The built-in dataset (see :mod:`semssl.data.synthetic`)."""
+class SyntheticConfig(SynthConfig):
+    """The built-in dataset (fields of :class:`semssl.data.synthetic.SynthConfig`) and where it lives
+    (``root``; default ``$SEMSSL_DATA_DIR`` or ``~/.cache/semssl/synthetic``)."""
 
     root: Optional[str] = None
-    seed: int = 0
-    object_size: int = 64
-    scene_size: int = 128
-    n_train_objects: int = 5000
-    n_test_objects: int = 1000
-    n_train_scenes: int = 1000
-    n_test_scenes: int = 200
-    num_classes: int = 10
-    workers: int = 2
 
 
 @dataclass

@@ -8,6 +8,7 @@ them, on the number of workers or processes, or on whether the run was resumed â
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -100,11 +101,9 @@ def view_specs(cfg: Any) -> list[ViewSpec]:
 
 
 def synth_config(cfg: Any) -> SynthConfig:
-    s = cfg.data.synthetic
-    return SynthConfig(seed=s.seed, object_size=s.object_size, scene_size=s.scene_size,
-                       n_train_objects=s.n_train_objects, n_test_objects=s.n_test_objects,
-                       n_train_scenes=s.n_train_scenes, n_test_scenes=s.n_test_scenes,
-                       num_classes=s.num_classes, workers=s.workers)
+    """The generator's config: the recipe's ``data.synthetic`` without its ``root``."""
+    fields = {f.name for f in dataclasses.fields(SynthConfig)}
+    return SynthConfig(**{k: v for k, v in vars(cfg.data.synthetic).items() if k in fields})
 
 
 def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:

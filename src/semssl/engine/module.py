@@ -91,7 +91,7 @@ class SSLModule(pl.LightningModule):
         out = self.method.training_step(batch, progress)
         loss = out["loss"]
         if not torch.isfinite(loss).all():
-            terms = {k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+            terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
             raise NonFiniteLossError(
                 f"loss is {float(loss)} at epoch {progress.epoch}, step {progress.step} (terms: {terms}). "
                 f"The run stopped; the last good checkpoint is kept. Lower optim.lr, enable optim.clip_grad, "

@@ -41,6 +41,7 @@ class MoCoV2Config(MethodConfig):
     momentum_end: Optional[float] = None
     shuffle_bn: bool = True
     symmetric: bool = False
+    proj_batch_norm: bool = False  # BatchNorm after the projector's hidden layer (MoCo-v3/SimCLR style)
 
 
 class Encoder(nn.Module):
@@ -64,7 +65,7 @@ class MoCoV2(Method):
         super().__init__(cfg, model_cfg)
         backbone = build_backbone(model_cfg)
         hidden = cfg.proj_hidden_dim or backbone.dim
-        self.encoder_q = Encoder(backbone, MLP(backbone.dim, hidden, cfg.proj_dim))
+        self.encoder_q = Encoder(backbone, MLP(backbone.dim, hidden, cfg.proj_dim, batch_norm=cfg.proj_batch_norm))
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_dim)
 
