@@ -96,3 +96,14 @@ def test_ema_update():
     expected = 0.9 * b.weight.detach().clone() + 0.1 * a.weight.detach()
     ema_update(a, b, 0.9)
     torch.testing.assert_close(b.weight.detach(), expected)
+
+
+def test_projector_follows_the_backbone_width_and_options():
+    cfg = load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "method.queue_size=16"])
+    method = build_method(cfg)
+    linears = [m for m in method.encoder_q.projector if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(512, 512), (512, 128)]  # MoCo-v2: d -> d -> 128
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in method.encoder_q.projector)
+    bn = build_method(load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "method.queue_size=16",
+                                                   "method.proj_batch_norm=true"]))
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in bn.encoder_q.projector)

@@ -109,8 +109,20 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path)  # every rank calls it (a barrier); rank 0 writes
+        # every rank calls it (a barrier); rank 0 writes. Lightning's save-side ``weights_only`` option is set
+        # off so the file holds the full state (optimiser, loops, RNG) that resume needs; reading is always
+        # weights-only (AtomicCheckpointIO).
+        trainer.save_checkpoint(self.path, **{"weights_only": False})
         self._saved_step = trainer.global_step
+
+
+class ProgressBar(RichProgressBar):
+    """Rich progress bar without Lightning's logger-version field (``v_num``)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -144,7 +156,7 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) 
                CSVLogger(str(run_dir), name="logs", version="csv")]
     ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs)
     if t.progress_bar:
-        callbacks = [*callbacks, RichProgressBar(leave=True)]
+        callbacks = [*callbacks, ProgressBar(leave=True)]
     strategy = t.strategy
     if cfg.model.sync_bn and strategy == "auto":
         strategy = "ddp"
@@ -208,7 +220,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         if not ckpt_path.exists():
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
     log.info("run folder: %s (%d images, %d steps/epoch, %d epochs)", run_dir, len(dataset), spe, max_epochs)
-    trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None,
+                weights_only=True)
     run_dir = folder.path
     train_seconds = time.time() - start
 

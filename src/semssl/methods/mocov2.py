@@ -9,7 +9,8 @@ cannot reveal which key matches. On one process the shuffle only helps together 
 (CUDA DDP) the key shuffle is not needed and ``shuffle_bn: false`` may be set.
 
 Decision: ``symmetric: true`` (MoCo-v3 style, both views as queries) is an option; the default is MoCo-v2's
-asymmetric loss (query = view ``q``, key = view ``k``).
+asymmetric loss (query = view ``q``, key = view ``k``). ``proj_batch_norm: true`` puts a BatchNorm after the
+projector's hidden layer (MoCo-v3 / SimCLR style) for small-scale experiments; MoCo-v2's head has none (default).
 """
 
 from __future__ import annotations

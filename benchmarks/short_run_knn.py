@@ -1,0 +1,86 @@
+"""Short-budget learning curves: kNN accuracy of a method every 100 steps, next to random init.
+
+The harness used to size the small recipes (docs/results.md, "Sizing the main job"). It trains the method of a
+recipe with a plain loop — SGD (momentum 0.9, wd 5e-4 on every parameter), linear warm-up over 20 steps then
+cosine to 0, EMA of ``momentum_pairs()`` after every step — on one thread, and evaluates the online backbone
+with the kNN protocol (k 20, T 0.07) on the recipe's evaluation split at step 0 (random init), every 100 steps
+and at the end. Lightning is left out so several variants can run side by side on a small machine.
+
+    python benchmarks/short_run_knn.py NAME STEPS LR SIZE [KEY=VALUE ...]
+    python benchmarks/short_run_knn.py base 400 0.03 48
+    python benchmarks/short_run_knn.py gn 400 0.03 48 model.norm=gn model.bn_splits=1 method.proj_batch_norm=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+
+from semssl.config import load_config
+from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
+from semssl.engine.evaluate import evaluate_backbone
+from semssl.engine.schedules import Progress
+from semssl.methods import build_method
+from semssl.methods.base import ema_update
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name")
+    p.add_argument("steps", type=int)
+    p.add_argument("lr", type=float, help="peak lr (not scaled by the batch)")
+    p.add_argument("size", type=int, help="side of both views and of the evaluation crop")
+    p.add_argument("overrides", nargs="*", help="recipe overrides (default recipe = the main job's)")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--every", type=int, default=100)
+    args = p.parse_args()
+
+    overrides = [f"data.views.0.size={args.size}", f"data.views.1.size={args.size}",
+                 f"data.eval_size={args.size}", "eval.knn_k=[20]", *args.overrides]
+    cfg = load_config(args.recipe, overrides)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    method = build_method(cfg).train()
+    random_backbone = copy.deepcopy(method.backbone_for(None))
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    paths = resolve_paths(cfg)
+    loader = train_loader(build_train_dataset(cfg, paths["train"]), cfg)
+
+    def knn(backbone: torch.nn.Module) -> float:
+        res = evaluate_backbone(backbone, cfg, paths["eval_train"], paths["eval_test"], linear=False)
+        return round(float(res["knn_top1"]), 1)
+
+    print(f"{args.name} random {knn(random_backbone)}", flush=True)
+    progress = Progress(epoch=0, step=0, steps_per_epoch=len(loader), total_steps=args.steps)
+    step, epoch, start, out = 0, 0, time.time(), {}
+    while step < args.steps:
+        loader.sampler.set_epoch(epoch)
+        epoch += 1
+        for batch in loader:
+            lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            out = method.training_step(batch, progress)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            for student, teacher in method.momentum_pairs():
+                ema_update(student, teacher, method.ema_momentum(progress))
+            step += 1
+            if step % args.every == 0 and step < args.steps:
+                print(f"{args.name} {step} loss {out['loss'].item():.3f} knn {knn(method.backbone_for(None))}",
+                      flush=True)
+            if step >= args.steps:
+                break
+    print(f"{args.name}: steps {args.steps} lr {args.lr} size {args.size} {args.overrides} "
+          f"loss {out['loss'].item():.3f} knn {knn(method.backbone_for(None))} "
+          f"train_s {time.time() - start:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
