@@ -15,6 +15,7 @@ the previous one intact; a NaN loss stops the run naming the step and keeps the 
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import shutil
@@ -93,6 +94,12 @@ def test_runs_in_one_process_get_their_own_folders(runs: dict[str, Path]) -> Non
     for run_dir in runs.values():
         assert (run_dir / "config.yaml").is_file()
         assert (run_dir / "logs" / "csv" / "metrics.csv").is_file()
+    # a resume keeps the curves written before it and logs the rest next to them
+    for name in ("split", "split_workers"):
+        first, second = (runs[name] / "logs" / v / "metrics.csv" for v in ("csv", "csv-resume1"))
+        steps = [int(row["step"]) for row in csv.DictReader(first.open())]
+        later = [int(row["step"]) for row in csv.DictReader(second.open())]
+        assert steps and later and max(steps) < min(later)
 
 
 def test_resume_after_a_shorter_run_is_bit_identical(runs: dict[str, Path]) -> None:

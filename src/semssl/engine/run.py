@@ -150,10 +150,22 @@ def world_size_of(cfg: Config) -> int:
     return n * cfg.trainer.num_nodes
 
 
+def csv_version(run_dir: Path) -> str:
+    """``csv`` for a new run; ``csv-resume1``, ``csv-resume2``, ... for each resume, because Lightning's
+    CSVLogger would otherwise delete the curves written before the resume (TensorBoard appends by itself)."""
+    logs = run_dir / "logs"
+    if not (logs / "csv").exists():
+        return "csv"
+    n = 1
+    while (logs / f"csv-resume{n}").exists():
+        n += 1
+    return f"csv-resume{n}"
+
+
 def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) -> pl.Trainer:
     t = cfg.trainer
     loggers = [TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
-               CSVLogger(str(run_dir), name="logs", version="csv")]
+               CSVLogger(str(run_dir), name="logs", version=csv_version(run_dir))]
     ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs)
     if t.progress_bar:
         callbacks = [*callbacks, ProgressBar(leave=True)]
