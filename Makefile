@@ -30,6 +30,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/main_job.py
 
 clean:

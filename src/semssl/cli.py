@@ -22,6 +22,10 @@ examples:
 
 overrides are dotted keys of the config tree (see the recipes in configs/); list items by index:
   data.views.0.size=96   trainer.devices=8 trainer.num_nodes=4 trainer.strategy=ddp
+every key with its current value: semssl pretrain --print-config [-c RECIPE]
+sections: method (name + the method's own keys), data (sources, views, batch size per device), model
+(backbone), optim (optimiser, lr per 256 images, schedules), trainer (length, devices, precision, logging,
+checkpoints), eval (kNN / linear probe after training)
 """
 
 
