@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from semssl.bench import BenchError, data_throughput, environment, markdown_table
+from semssl.bench import BenchError, data_throughput, environment, markdown_table, script_main
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -90,20 +88,7 @@ def _fmt(value: Optional[float], digits: int) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from semssl.config import ConfigError
-
-    args = parse_args(argv)
-    try:
-        res = run(args)
-    except (BenchError, ConfigError) as err:
-        print(f"data_throughput: {err}", file=sys.stderr)
-        return 2
-    print(report(res))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        print(f"\nwrote {args.out}")
-    return 0
+    return script_main("data_throughput", parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,13 @@ is ~2 FLOPs per parameter (22 M for ResNet-18), under 0.1 % of a step.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from semssl.bench import (BenchError, FlopCount, MethodStep, SupervisedStep, count_flops, data_batch, environment,
-                          markdown_table, profile_steps, random_views, summarize, time_interleaved)
+                          markdown_table, profile_steps, random_views, script_main, summarize, time_interleaved)
 
 MIN_SIZE = 96
 TARGET_TOLERANCE = 0.10  # time_ratio / flop_ratio within 10 % of 1.0
@@ -162,20 +160,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from semssl.config import ConfigError
-
-    args = parse_args(argv)
-    try:
-        res = run(args)
-    except (BenchError, ConfigError) as err:
-        print(f"step_time: {err}", file=sys.stderr)
-        return 2
-    print(report(res))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        print(f"\nwrote {args.out}")
-    return 0
+    return script_main("step_time", parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ the two steps interleaved (A B A B ...), cancel most of the noise of a shared ma
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import statistics
 import threading
 import time
@@ -425,3 +427,20 @@ def environment() -> dict[str, Any]:
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def script_main(name: str, args: Any, run: Callable[[Any], dict], report: Callable[[dict], str]) -> int:
+    """The shared ending of a benchmark script: run, print the report, write ``--out`` JSON; clear errors."""
+    from semssl.config import ConfigError
+
+    try:
+        res = run(args)
+    except (BenchError, ConfigError) as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    print(report(res))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0

@@ -78,7 +78,6 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     from semssl.engine.checkpoint import config_from_checkpoint, find_checkpoint, load_backbone, safe_load
 
     if args.random_init:
-        from semssl.config import Config, ModelConfig
         from semssl.models.backbones import ResNetBackbone
 
         import torch

@@ -23,6 +23,7 @@ Build a source from a path with :func:`build_source`, which picks the kind from 
 
 from __future__ import annotations
 
+import abc
 import csv
 import difflib
 import inspect
@@ -290,7 +291,7 @@ def _probe_existing(paths: Sequence[Path], where: str, what: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """Base of all sources: indexing with deterministic skipping of bad files, ``check()``, ``summary()``.
 
     Subclasses set ``self.paths`` (one image file per sample), ``self.targets`` and ``self.classes``, and
@@ -312,13 +313,13 @@ class ImageSource:
 
     # -- to implement -------------------------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def location(self) -> Path:
         """The file or folder the source was built from (named in messages)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _sample(self, index: int, image: Image.Image) -> Sample:
         """The sample dict of ``index`` around its decoded ``image``."""
-        raise NotImplementedError
 
     def _decode(self, index: int) -> Image.Image:
         """Decode the image of sample ``index``; raises ImageDecodeError when the file is unusable."""
