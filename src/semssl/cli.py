@@ -75,7 +75,7 @@ def _eval_config(args: argparse.Namespace, info_cfg: Any) -> Any:
 
 
 def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
-    from semssl.engine.checkpoint import config_from_checkpoint, find_checkpoint, load_backbone, safe_load
+    from semssl.engine.checkpoint import load_backbone
 
     if args.random_init:
         from semssl.models.backbones import ResNetBackbone
@@ -88,12 +88,7 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     if not args.checkpoint:
         raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
                          " or --random-init")
-    backbone, info = load_backbone(args.checkpoint, branch=args.branch, arch=args.arch)
-    cfg = None
-    if info["method"] != "torchvision":
-        file = find_checkpoint(args.checkpoint)
-        cfg = config_from_checkpoint(safe_load(file), file)
-    return backbone, info, cfg
+    return load_backbone(args.checkpoint, branch=args.branch, arch=args.arch, with_config=True)
 
 
 def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload: dict) -> None:

@@ -83,10 +83,12 @@ def config_from_checkpoint(ckpt: dict, path: Path) -> Config:
         raise CheckpointError(f"{path}: stored config is invalid ({err})") from err
 
 
-def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional[str] = None) -> tuple[ResNetBackbone, dict]:
+def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional[str] = None,
+                  with_config: bool = False) -> tuple:
     """The backbone of a semssl checkpoint (``branch``: "online" / "teacher", default = the method's) or of a
     plain torchvision ResNet ``state_dict`` (``arch`` then names it; inferred from the keys if omitted).
-    Returns the backbone in eval mode and a small info dict."""
+    Returns the backbone in eval mode and a small info dict (and, with ``with_config``, the run's
+    :class:`~semssl.config.Config`, or None for a plain state_dict)."""
     from semssl.methods import build_method
 
     file = find_checkpoint(path)
@@ -100,7 +102,7 @@ def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional
         backbone = method.backbone_for(chosen)
         info = {"source": str(file), "method": cfg.method.name, "branch": chosen, "arch": cfg.model.arch,
                 "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
-        return backbone.eval(), info
+        return (backbone.eval(), info, cfg) if with_config else (backbone.eval(), info)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{file}: neither a semssl checkpoint nor a state_dict of tensors")
@@ -112,7 +114,8 @@ def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional
         load_torchvision_weights(backbone, state)
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from err
-    return backbone.eval(), {"source": str(file), "method": "torchvision", "branch": None, "arch": arch}
+    info = {"source": str(file), "method": "torchvision", "branch": None, "arch": arch}
+    return (backbone.eval(), info, None) if with_config else (backbone.eval(), info)
 
 
 def _infer_arch(state: dict, file: Path) -> str:
