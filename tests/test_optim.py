@@ -20,15 +20,6 @@ from semssl.engine.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small_convnet() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(

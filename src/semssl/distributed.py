@@ -33,22 +33,19 @@ def concat_all_gather(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over ranks (in place on a copy)."""
-    if not is_distributed():
-        return x
-    y = x.clone()
-    dist.all_reduce(y)
-    return y / world_size()
-
-
-@torch.no_grad()
 def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over ranks (on a copy; ``x`` itself on one process)."""
     if not is_distributed():
         return x
     y = x.clone()
     dist.all_reduce(y)
     return y
+
+
+@torch.no_grad()
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over ranks."""
+    return all_reduce_sum(x) / world_size()
 
 
 @torch.no_grad()
