@@ -9,19 +9,29 @@ and at the end. Lightning is left out so several variants can run side by side o
     python benchmarks/short_run_knn.py NAME STEPS LR SIZE [KEY=VALUE ...]
     python benchmarks/short_run_knn.py base 400 0.03 48
     python benchmarks/short_run_knn.py gn 400 0.03 48 model.norm=gn model.bn_splits=1 method.proj_batch_norm=true
+    python benchmarks/short_run_knn.py gray 400 0.03 48 --aug grayscale_p=1.0      # patch the views' recipe
+    python benchmarks/short_run_knn.py base 300 0.03 48 --bn-recal                # + kNN with re-estimated BN
+
+Diagnostics: ``--aug FIELD=VALUE,...`` replaces fields of the photometric recipe of every view (a
+:class:`~semssl.data.augment.PhotometricRecipe` field, e.g. ``hue=0.5,grayscale_p=0.5``) for this run only.
+``--bn-recal`` also prints kNN after re-estimating every BatchNorm's running statistics on 16 batches of the
+evaluation-train images (plain batch statistics, no splits) — for random init too, which separates "BatchNorm
+now normalises" from "the features changed".
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 
 import torch
 
 from semssl.config import load_config
-from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
+from semssl.data import augment
+from semssl.engine.data import build_train_dataset, eval_loader, resolve_paths, train_loader
 from semssl.engine.evaluate import evaluate_backbone
 from semssl.engine.schedules import Progress
 from semssl.methods import build_method
@@ -37,11 +47,18 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="recipe overrides (default recipe = the main job's)")
     p.add_argument("--recipe", default=None)
     p.add_argument("--every", type=int, default=100)
+    p.add_argument("--aug", default="", help="FIELD=VALUE,... replacing fields of the views' photometric recipe")
+    p.add_argument("--bn-recal", action="store_true", help="also report kNN with re-estimated BatchNorm statistics")
     args = p.parse_args()
 
     overrides = [f"data.views.0.size={args.size}", f"data.views.1.size={args.size}",
                  f"data.eval_size={args.size}", "eval.knn_k=[20]", *args.overrides]
     cfg = load_config(args.recipe, overrides)
+    if args.aug:
+        patch = {k: float(v) for k, v in (item.split("=", 1) for item in args.aug.split(","))}
+        for name in {r for view in cfg.data.views for r in ([view.recipe] if isinstance(view.recipe, str)
+                                                             else view.recipe)}:
+            augment.RECIPES[name] = dataclasses.replace(augment.RECIPES[name], **patch)  # workers fork after this
     torch.manual_seed(0)
     torch.set_num_threads(1)
     method = build_method(cfg).train()
@@ -51,9 +68,30 @@ def main() -> None:
     paths = resolve_paths(cfg)
     loader = train_loader(build_train_dataset(cfg, paths["train"]), cfg)
 
-    def knn(backbone: torch.nn.Module) -> float:
+    def knn(backbone: torch.nn.Module) -> str:
         res = evaluate_backbone(backbone, cfg, paths["eval_train"], paths["eval_test"], linear=False)
-        return round(float(res["knn_top1"]), 1)
+        text = f"{float(res['knn_top1']):.1f}"
+        if args.bn_recal:
+            res = evaluate_backbone(recalibrated(backbone), cfg, paths["eval_train"], paths["eval_test"],
+                                    linear=False)
+            text += f" (BN re-estimated {float(res['knn_top1']):.1f})"
+        return text
+
+    def recalibrated(backbone: torch.nn.Module, batches: int = 16) -> torch.nn.Module:
+        backbone = copy.deepcopy(backbone)
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the batches below
+                if hasattr(module, "num_splits"):
+                    module.num_splits = 1
+        backbone.train()
+        with torch.no_grad():
+            for i, batch in enumerate(eval_loader(paths["eval_train"], cfg)):
+                if i >= batches:
+                    break
+                backbone(batch["image"])
+        return backbone.eval()
 
     print(f"{args.name} random {knn(random_backbone)}", flush=True)
     progress = Progress(epoch=0, step=0, steps_per_epoch=len(loader), total_steps=args.steps)

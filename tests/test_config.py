@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from semssl.config import (Config, ConfigError, apply_overrides, from_dict, list_recipes, load_config, load_yaml,
-                           to_dict)
+                           parse_override, to_dict)
 from semssl.methods import DEFAULT_RECIPE
 
 
@@ -74,3 +74,15 @@ def test_override_syntax_errors():
         apply_overrides({}, ["optim.lr"])
     with pytest.raises(ConfigError, match="empty key"):
         apply_overrides({}, ["optim..lr=1"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path):
+    # PyYAML (YAML 1.1) reads "1e-4" as a string; recipes and overrides read it as a number.
+    cfg = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=5E-2", "method.temperature=.2e0"])
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.optim.lr == pytest.approx(0.05)
+    assert cfg.method.temperature == pytest.approx(0.2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {DEFAULT_RECIPE}\noptim: {{weight_decay: 2e-5}}\nname: e1\n")
+    assert load_config(str(recipe), []).optim.weight_decay == pytest.approx(2e-5)
+    assert parse_override("name=1e")[1] == "1e"  # not a number: stays a string
