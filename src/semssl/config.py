@@ -322,8 +322,7 @@ class _YamlLoader(yaml.SafeLoader):
     """
 
 
-_YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_YamlLoader.add_implicit_resolver(
+_YamlLoader.add_implicit_resolver(  # copies the inherited resolver table first; SafeLoader is untouched
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),

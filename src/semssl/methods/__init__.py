@@ -9,7 +9,7 @@ from semssl.methods.base import Method, MethodConfig
 _REGISTRY: dict[str, type[Method]] = {}
 
 #: the recipe `semssl pretrain` runs when given none (the main job on the built-in data)
-DEFAULT_RECIPE = "mocov2_resnet18_1x64-600it_synthetic"
+DEFAULT_RECIPE = "mocov2_resnet18_1x64-400it_synthetic"
 
 
 def register(name: str):
