@@ -24,7 +24,13 @@ from typing import Any, Optional
 
 import torch
 
-from semssl.bench import BenchError, data_throughput, environment, markdown_table, script_main
+from semssl.bench import (
+    BenchError,
+    data_throughput,
+    environment,
+    markdown_table,
+    script_main,
+)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

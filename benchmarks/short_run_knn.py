@@ -1,10 +1,14 @@
 """Short-budget learning curves: kNN accuracy of a method every 100 steps, next to random init.
 
 The harness used to size the small recipes (docs/results.md, "Sizing the main job"). It trains the method of a
-recipe with a plain loop — SGD (momentum 0.9, wd 5e-4 on every parameter), linear warm-up over 20 steps then
-cosine to 0, EMA of ``momentum_pairs()`` after every step — on one thread, and evaluates the online backbone
-with the kNN protocol (k 20, T 0.07) on the recipe's evaluation split at step 0 (random init), every 100 steps
-and at the end. Lightning is left out so several variants can run side by side on a small machine.
+recipe with the engine's own optimisation step (:class:`semssl.bench.MethodStep`: the recipe's optimiser, weight
+decay and schedules, EMA of ``momentum_pairs()``), with the peak lr given on the command line (not scaled by the
+batch) and a 20-step warm-up, on one thread, and evaluates the method through ``Method.features`` with the kNN
+protocol (k 20, T 0.07) on the recipe's evaluation split at step 0 (random init), every ``--every`` steps and at
+the end. Lightning is left out so several variants can run side by side on a small machine.
+
+Numbers in docs/results.md dated before 2026-12-01 came from an earlier hand-written loop (SGD with wd 5e-4 on
+every parameter, warm-up as a factor ``min(1, (k+1)/20)`` on the cosine); rerun a command to compare.
 
     python benchmarks/short_run_knn.py NAME STEPS LR SIZE [KEY=VALUE ...]
     python benchmarks/short_run_knn.py base 400 0.03 48
@@ -29,13 +33,13 @@ import time
 
 import torch
 
+from semssl.bench import MethodStep
 from semssl.config import load_config
 from semssl.data import augment
-from semssl.engine.data import build_train_dataset, eval_loader, resolve_paths, train_loader
-from semssl.engine.evaluate import evaluate_backbone
-from semssl.engine.schedules import Progress
-from semssl.methods import build_method
-from semssl.methods.base import ema_update
+from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
+from semssl.eval.data import eval_loader
+from semssl.eval.evaluate import evaluate
+from semssl.models.backbones import BackboneModel
 
 
 def main() -> None:
@@ -52,7 +56,8 @@ def main() -> None:
     args = p.parse_args()
 
     overrides = [f"data.views.0.size={args.size}", f"data.views.1.size={args.size}",
-                 f"data.eval_size={args.size}", "eval.knn_k=[20]", *args.overrides]
+                 f"data.eval_size={args.size}", "eval.knn_k=[20]", f"optim.lr={args.lr}", "optim.lr_scaling=none",
+                 "optim.warmup=20steps", *args.overrides]
     cfg = load_config(args.recipe, overrides)
     if args.aug:
         patch = {k: float(v) for k, v in (item.split("=", 1) for item in args.aug.split(","))}
@@ -61,19 +66,20 @@ def main() -> None:
             augment.RECIPES[name] = dataclasses.replace(augment.RECIPES[name], **patch)  # workers fork after this
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    method = build_method(cfg).train()
-    random_backbone = copy.deepcopy(method.backbone_for(None))
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
     paths = resolve_paths(cfg)
     loader = train_loader(build_train_dataset(cfg, paths["train"]), cfg)
+    cfg.trainer.max_steps = args.steps
+    cfg.trainer.max_epochs = math.ceil(args.steps / len(loader))
+    step_fn = MethodStep(cfg, next(iter(loader)), steps_per_epoch=len(loader))  # the engine's own step
+    method = step_fn.method
+    random_model = copy.deepcopy(method)
 
-    def knn(backbone: torch.nn.Module) -> str:
-        res = evaluate_backbone(backbone, cfg, paths["eval_train"], paths["eval_test"], linear=False)
+    def knn(model: torch.nn.Module) -> str:
+        res = evaluate(model, cfg, paths["eval_train"], paths["eval_test"], linear=False)
         text = f"{float(res['knn_top1']):.1f}"
         if args.bn_recal:
-            res = evaluate_backbone(recalibrated(backbone), cfg, paths["eval_train"], paths["eval_test"],
-                                    linear=False)
+            res = evaluate(BackboneModel(recalibrated(model.backbone_for(model.resolve_branch()))), cfg,
+                           paths["eval_train"], paths["eval_test"], linear=False)
             text += f" (BN re-estimated {float(res['knn_top1']):.1f})"
         return text
 
@@ -93,30 +99,20 @@ def main() -> None:
                 backbone(batch["image"])
         return backbone.eval()
 
-    print(f"{args.name} random {knn(random_backbone)}", flush=True)
-    progress = Progress(epoch=0, step=0, steps_per_epoch=len(loader), total_steps=args.steps)
-    step, epoch, start, out = 0, 0, time.time(), {}
-    while step < args.steps:
+    print(f"{args.name} random {knn(random_model)}", flush=True)
+    epoch, start, out = 0, time.time(), {}
+    while step_fn.step < args.steps:
         loader.sampler.set_epoch(epoch)
         epoch += 1
         for batch in loader:
-            lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            out = method.training_step(batch, progress)
-            opt.zero_grad()
-            out["loss"].backward()
-            opt.step()
-            for student, teacher in method.momentum_pairs():
-                ema_update(student, teacher, method.ema_momentum(progress))
-            step += 1
+            out = step_fn.run(batch)
+            step = step_fn.step
             if step % args.every == 0 and step < args.steps:
-                print(f"{args.name} {step} loss {out['loss'].item():.3f} knn {knn(method.backbone_for(None))}",
-                      flush=True)
+                print(f"{args.name} {step} loss {out['loss'].item():.3f} knn {knn(method)}", flush=True)
             if step >= args.steps:
                 break
     print(f"{args.name}: steps {args.steps} lr {args.lr} size {args.size} {args.overrides} "
-          f"loss {out['loss'].item():.3f} knn {knn(method.backbone_for(None))} "
+          f"loss {out['loss'].item():.3f} knn {knn(method)} "
           f"train_s {time.time() - start:.0f}", flush=True)
 
 

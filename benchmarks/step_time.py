@@ -28,8 +28,21 @@ from typing import Any, Optional
 
 import torch
 
-from semssl.bench import (BenchError, FlopCount, MethodStep, SupervisedStep, count_flops, data_batch, environment,
-                          markdown_table, profile_steps, random_views, script_main, summarize, time_interleaved)
+from semssl.bench import (
+    BenchError,
+    FlopCount,
+    MethodStep,
+    SupervisedStep,
+    count_flops,
+    data_batch,
+    environment,
+    markdown_table,
+    profile_steps,
+    random_views,
+    script_main,
+    summarize,
+    time_interleaved,
+)
 
 MIN_SIZE = 96
 TARGET_TOLERANCE = 0.10  # time_ratio / flop_ratio within 10 % of 1.0

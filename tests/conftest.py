@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from semssl.config import Config, load_config
-from semssl.data.synthetic import SynthConfig, ensure_synthetic
+from semssl.data.synthetic import SynthConfig
+from semssl.data.synthetic.build import ensure_synthetic
 
 TINY_SYNTH = SynthConfig(seed=0, object_size=32, scene_size=64, n_train_objects=96, n_test_objects=40,
                          n_train_scenes=8, n_test_scenes=4, num_classes=4, workers=1)

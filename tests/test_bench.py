@@ -11,12 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from semssl.bench import (BenchError, MethodStep, ProcessTreeSampler, SupervisedStep, count_flops, data_batch,
-                          data_throughput, markdown_table, process_tree, random_views, summarize, time_interleaved,
-                          tree_cpu_seconds)
-from semssl.models.backbones import SplitBatchNorm2d
 from conftest import tiny_overrides
+
+from semssl.bench import (
+    BenchError,
+    MethodStep,
+    ProcessTreeSampler,
+    SupervisedStep,
+    count_flops,
+    data_batch,
+    data_throughput,
+    markdown_table,
+    process_tree,
+    random_views,
+    summarize,
+    time_interleaved,
+    tree_cpu_seconds,
+)
+from semssl.models.backbones import SplitBatchNorm2d
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 

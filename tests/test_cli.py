@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from conftest import tiny_overrides
+
 from semssl.cli import build_parser, main
 from semssl.engine.checkpoint import safe_load
 
@@ -75,7 +75,15 @@ def test_pretrain_then_evaluate(tiny_synth: Path, tmp_path: Path, capsys):
     lin_json = tmp_path / "lin.json"
     assert main(["eval", "linear", "--checkpoint", str(run), "--train", train, "--test", test,
                  "--epochs", "5", "--out", str(lin_json), "--workers", "0"]) == 0
-    assert 0 <= json.loads(lin_json.read_text())["linear"]["linear_top1"] <= 100
+    # the fast probe with the run's settings (5 epochs, the same lr grid and seed) gives the run's number
+    assert json.loads(lin_json.read_text())["linear"]["linear_top1"] == metrics["trained"]["linear_top1"]
+    # and the random-init row is the same architecture and seed as `semssl eval knn --random-init`
+    rand_json = tmp_path / "rand.json"
+    assert main(["eval", "knn", "--random-init", "--arch", "resnet18", "--seed", "0", "--train", train,
+                 "--test", test, "--size", "32", "--resize-ratio", "1", "--k", "5", "20", "--workers", "0",
+                 "--out", str(rand_json)]) == 0
+    assert json.loads(rand_json.read_text())["knn"]["k20_top1"] == metrics["random_init"]["k20_top1"]
+    assert metrics["trained"]["k20_top1"] != metrics["random_init"]["k20_top1"]  # training changed the network
 
     # a plain torchvision state_dict is accepted too (architecture inferred from the keys)
     plain = tmp_path / "r18.pth"

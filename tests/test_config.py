@@ -4,9 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from semssl.config import (Config, ConfigError, apply_overrides, from_dict, list_recipes, load_config, load_yaml,
-                           parse_override, to_dict)
-from semssl.methods import DEFAULT_RECIPE
+from semssl.config import (
+    DEFAULT_RECIPE,
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    list_recipes,
+    load_config,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
 
 
 def test_every_packaged_recipe_loads():

@@ -28,17 +28,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_overrides
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from conftest import tiny_overrides
 from semssl.config import Config, load_config
-from semssl.distributed import all_reduce_mean, batch_shuffle, batch_unshuffle, concat_all_gather
-from semssl.engine.schedules import Progress
+from semssl.distributed import (
+    all_reduce_mean,
+    batch_shuffle,
+    batch_unshuffle,
+    concat_all_gather,
+)
+from semssl.engine.step import build_schedules
 from semssl.eval.features import extract_features
 from semssl.eval.knn import knn_evaluate
 from semssl.methods import build_method
 from semssl.methods.base import ema_update
+from semssl.schedules import Progress
 
 WORLD = 2
 GLOBAL_BATCH = 8  # 4 images per rank
@@ -87,7 +93,9 @@ def _moco_steps(rows: slice) -> dict[str, Tensor]:
     """Build the method (seed 0) and run ``STEPS`` steps on ``rows`` of each global batch: training_step, backward,
     gradients averaged over ranks, SGD step, EMA. Returns queue/pointer/loss after each step and the final state."""
     torch.manual_seed(0)
-    method = build_method(_method_config())
+    cfg = _method_config()
+    method = build_method(cfg)
+    momentum = build_schedules(cfg, method, STEPS, STEPS, GLOBAL_BATCH)["momentum"]
     params = [p for _, p in method.named_trainable_parameters()]
     optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
     out: dict[str, Tensor] = {}
@@ -102,7 +110,7 @@ def _moco_steps(rows: slice) -> dict[str, Tensor]:
             p.grad.copy_(all_reduce_mean(p.grad))
         optimizer.step()
         for student, teacher in method.momentum_pairs():
-            ema_update(student, teacher, method.ema_momentum(progress))
+            ema_update(student, teacher, momentum(progress))
         out[f"queue{step}"] = method.queue.queue.clone()
         out[f"ptr{step}"] = method.queue.ptr.clone()
         out[f"loss{step}"] = all_reduce_mean(res["loss"].detach())
@@ -115,7 +123,7 @@ def _first_keys() -> Tensor:
     torch.manual_seed(0)
     method = build_method(_method_config())
     with torch.no_grad():
-        return method.encoder_k(_global_batch(0)["k"])[0]
+        return method.encoder_k(_global_batch(0)["k"])["z"]
 
 
 def _shuffle_round_trip(rank: int) -> dict[str, Tensor]:
@@ -263,10 +271,10 @@ def _engine_rank(rank: int, port: int, overrides: list[str], out_dir: str) -> No
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    from semssl.engine import evaluate as evaluation, run
+    from semssl.engine import monitor, run
 
     modules, evaluations, json_writes = [], [], []
-    real_module, real_evaluate, real_write = run.SSLModule, run.evaluate_backbone, run.write_json
+    real_module, real_evaluate, real_write = run.SSLModule, run.evaluate, run.write_json
 
     class RecordedModule(real_module):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -282,8 +290,8 @@ def _engine_rank(rank: int, port: int, overrides: list[str], out_dir: str) -> No
         json_writes.append(str(path))
         real_write(path, data)
 
-    run.SSLModule, run.evaluate_backbone, run.write_json = RecordedModule, evaluate, write_json
-    evaluation.evaluate_backbone = evaluate  # what the online kNN monitor calls
+    run.SSLModule, run.evaluate, run.write_json = RecordedModule, evaluate, write_json
+    monitor.evaluate = evaluate  # what the online kNN monitor calls
     cfg = load_config(None, overrides)
     if rank == 1:  # rank 1 names another folder, as it does when it starts a second later (a new timestamp)
         run.new_run_dir = lambda _: Path(cfg.trainer.out_dir) / "rank1-own-name"
@@ -328,12 +336,12 @@ def test_engine_knn_is_identical_on_both_ranks(engine_ranks: tuple[Path, list[di
     assert metrics["trained"] == final
     assert metrics["run"]["knn_monitor"] == [{"epoch": 1, "knn_top1": monitor["knn_top1"]}]
     # the same checkpoint evaluated by one process gives the same kNN accuracy
-    from semssl.engine.checkpoint import load_backbone
-    from semssl.engine.evaluate import evaluate_backbone
+    from semssl.engine.checkpoint import load_model
+    from semssl.eval.evaluate import evaluate
 
-    backbone, _ = load_backbone(Path(r0["run_dir"]))
+    model, _, _ = load_model(Path(r0["run_dir"]))
     cfg = load_config(None, _engine_overrides(tiny_synth, runs))
-    single = evaluate_backbone(backbone, cfg, metrics["run"]["eval_train"], metrics["run"]["eval_test"],
+    single = evaluate(model, cfg, metrics["run"]["eval_train"], metrics["run"]["eval_test"],
                                linear=False)
     for key in ("knn_top1", "knn_top5", "k20_top1"):
         assert single[key] == final[key], key

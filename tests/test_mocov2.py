@@ -3,12 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from semssl.config import load_config
-from semssl.engine.schedules import Progress
+from semssl.config import DEFAULT_RECIPE, load_config
 from semssl.losses.infonce import MemoryQueue, info_nce
-from semssl.methods import DEFAULT_RECIPE, build_method
+from semssl.methods import build_method
 from semssl.methods.base import ema_update
 from semssl.models.backbones import ResNetBackbone, SplitBatchNorm2d
+from semssl.schedules import Progress
 
 
 def test_info_nce_matches_lightly_ntxent_with_memory_bank():

@@ -1,4 +1,4 @@
-"""Tests for semssl.engine.optim: parameter groups, LARS on hand-computed steps, lr/wd updates, clipping."""
+"""Tests for semssl.optim: parameter groups, LARS on hand-computed steps, lr/wd updates, clipping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from semssl.engine.optim import (
+from semssl.optim import (
     LARS,
     OptimError,
     build_optimizer,

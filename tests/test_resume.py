@@ -24,13 +24,14 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from semssl.config import Config, from_dict, load_config, to_dict
 from semssl.engine import checkpoint as ckpt_module
-from semssl.engine.checkpoint import atomic_torch_save, load_backbone, safe_load
-from semssl.engine.module import NonFiniteLossError, SSLModule
+from semssl.engine.checkpoint import atomic_torch_save, load_model, safe_load
+from semssl.engine.module import SSLModule
 from semssl.engine.run import RUN_DIR_ENV, pretrain, resume_config
+from semssl.errors import NonFiniteLossError
 from semssl.methods.mocov2 import MoCoV2
 
 FAST = ["eval.enabled=false", "trainer.num_threads=1"]
@@ -148,7 +149,8 @@ def test_checkpoint_is_weights_only_with_config_and_rng(runs: dict[str, Path]) -
     cfg = from_dict(Config, ckpt["semssl_config"])
     assert cfg.trainer.max_epochs == 2  # the resumed run's config ...
     assert to_dict(cfg) == to_dict(resume_config(runs["split"], []))  # ... which config.yaml now holds too
-    backbone, info = load_backbone(runs["split"])
+    model, info, _ = load_model(runs["split"])
+    backbone = model.backbone_for(info["default_branch"])
     assert info["global_step"] == 12 and info["method"] == "mocov2"
     state = {k.removeprefix("method.encoder_q.backbone."): v for k, v in ckpt["state_dict"].items()
              if k.startswith("method.encoder_q.backbone.")}

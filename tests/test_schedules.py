@@ -1,4 +1,4 @@
-"""Tests for semssl.engine.schedules: DINO parity, length resolution, step/EMA/teacher-temperature shapes."""
+"""Tests for semssl.schedules: DINO parity, length resolution, step/EMA/teacher-temperature shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from semssl.engine.schedules import (
+from semssl.schedules import (
     Progress,
     Schedule,
     ScheduleConfig,
@@ -15,7 +15,6 @@ from semssl.engine.schedules import (
     build_schedule,
     constant_schedule,
     cosine_schedule,
-    ema_cosine,
     linear_then_constant,
     resolve_length,
     step_schedule,
@@ -142,16 +141,16 @@ def test_constant_schedule() -> None:
     np.testing.assert_array_equal(constant_schedule(0.999, 4), [0.999] * 4)
 
 
-def test_ema_cosine_ends_and_dino_agreement() -> None:
+def test_ema_cosine_is_byol_soco_formula_and_dino() -> None:
+    """The EMA cosine (``cosine_schedule(m0, 1, K)``) is BYOL's / SoCo's ``1 - (1 - m0)(cos(pi k/K) + 1)/2`` at
+    every applied step k = 0..K-1, and DINO's cosine_scheduler."""
     k_total = 12
-    m = ema_cosine(0.99, k_total)
-    assert m.shape == (k_total + 1,)
-    assert m[0] == pytest.approx(0.99) and m[-1] == pytest.approx(1.0)
-    assert m[k_total // 2] == pytest.approx(0.995)
-    assert np.all(np.diff(m) > 0)
-    # Same values as DINO's cosine_scheduler(m0, 1, epochs, niter) on every step that is used (k < K).
-    np.testing.assert_allclose(m[:-1], dino_reference(0.99, 1.0, 4, 3, 0, 0.0), atol=1e-15)
-    np.testing.assert_allclose(ema_cosine(0.9, 4, final=0.95)[[0, 4]], [0.9, 0.95])
+    m = cosine_schedule(0.99, 1.0, k_total)
+    byol = [1 - (1 - 0.99) * (math.cos(math.pi * k / k_total) + 1) / 2 for k in range(k_total)]
+    np.testing.assert_allclose(m, byol, rtol=0, atol=1e-15)
+    assert m[0] == pytest.approx(0.99) and m[k_total // 2] == pytest.approx(0.995)
+    assert np.all(np.diff(m) > 0) and m[-1] < 1.0
+    np.testing.assert_allclose(m, dino_reference(0.99, 1.0, 4, 3, 0, 0.0), atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------- Schedule objects
@@ -194,7 +193,7 @@ def test_per_step_build_matches_functions() -> None:
     np.testing.assert_allclose(decay.values, [0.0, 1.0, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.0])
 
     ema = build_schedule(ScheduleConfig(base=0.996, final=1.0), spe, total)
-    np.testing.assert_allclose(ema.values, ema_cosine(0.996, total)[:-1])
+    np.testing.assert_allclose(ema.values, [1 - 0.004 * (math.cos(math.pi * k / total) + 1) / 2 for k in range(total)])
 
 
 def test_schedule_values_are_read_only() -> None:

@@ -12,7 +12,6 @@ import pycocotools.mask as mask_utils
 import pytest
 from pycocotools.coco import COCO
 
-from semssl.data import synthetic as syn
 from semssl.data.synthetic import (
     CLASS_NAMES,
     GENERATOR_VERSION,
@@ -20,9 +19,12 @@ from semssl.data.synthetic import (
     SynthConfig,
     SynthConfigError,
     SyntheticDataError,
+    build,
     default_root,
-    ensure_synthetic,
-    generate,
+    render,
+)
+from semssl.data.synthetic.build import ensure_synthetic, generate
+from semssl.data.synthetic.render import (
     render_object_image,
     render_object_sample,
     render_scene,
@@ -113,7 +115,7 @@ def test_main_object_area_and_small_distractors() -> None:
         assert sample.mask.dtype == bool and sample.image.shape == (size, size, 3)
         assert 0.15 <= frac <= 0.60, (i, frac)
         main_area = int(sample.mask.sum())
-        assert all(a <= syn.DISTRACTOR_MAX_RATIO * main_area for a in sample.distractor_areas)
+        assert all(a <= render.DISTRACTOR_MAX_RATIO * main_area for a in sample.distractor_areas)
         assert all(c is None or 0 <= c < 12 for c in sample.distractor_classes)
         n_with += bool(sample.distractor_areas)
         n_without += not sample.distractor_areas
@@ -177,7 +179,7 @@ def test_scene_coco_annotations_match_semantic_masks(tiny_root: Path, part: str,
             x, y, w, h = (int(v) for v in ann["bbox"])
             ys, xs = np.nonzero(mask)
             assert [x, y, w, h] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-            assert ann["area"] == mask.sum() >= syn.SCENE_MIN_VISIBLE_FRAC * 96 * 96
+            assert ann["area"] == mask.sum() >= render.SCENE_MIN_VISIBLE_FRAC * 96 * 96
             assert not (union & mask).any(), "instance masks of one image overlap"
             union |= mask
         assert np.array_equal(union, semantic > 0)
@@ -215,13 +217,13 @@ def test_ensure_synthetic_generates_once_and_regenerates_on_change(tmp_path: Pat
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = replace(TINY, n_train_scenes=2, n_test_scenes=1)
     calls: list[int] = []
-    real = syn._generate_unlocked
+    real = build._generate_unlocked
 
     def counting(root: Path, config: SynthConfig, splits: list[str]) -> dict:
         calls.append(config.seed)
         return real(root, config, splits)
 
-    monkeypatch.setattr(syn, "_generate_unlocked", counting)
+    monkeypatch.setattr(build, "_generate_unlocked", counting)
     root = tmp_path / "cache"
     assert ensure_synthetic(root, cfg) == root
     assert calls == [3]
@@ -246,7 +248,7 @@ def test_interrupted_generation_leaves_no_manifest(tmp_path: Path, monkeypatch: 
     def boom(tasks: list, workers: int) -> list:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(syn, "_run_all", boom)
+    monkeypatch.setattr(build, "_run_all", boom)
     with pytest.raises(KeyboardInterrupt):
         generate(root, replace(cfg, seed=11))
     assert not (root / MANIFEST_NAME).exists()

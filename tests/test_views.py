@@ -1,4 +1,5 @@
-"""Tests of semssl.data.views: exact geometry, box/mask transport, crop-major collate, errors."""
+"""Tests of semssl.data.views: exact geometry, box/proposal/mask transport, shared crops (geometry_from),
+crop-major collate, errors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from semssl.data.augment import normalize
@@ -20,6 +22,7 @@ from semssl.data.views import (
     box_area,
     collate_views,
     map_boxes,
+    render_crop,
     source_to_view,
     view_to_source,
 )
@@ -140,7 +143,7 @@ def test_tv_tensor_boxes_equal_boxes_from_recorded_geometry() -> None:
     for seed in range(8):
         torch.manual_seed(seed)
         out = t(_boxes_sample())
-        assert out["box_ids"].tolist() == [0, 1, 2, 3]
+        assert out["box_ids"]["q"].tolist() == [[0, 1, 2, 3]] * 2 and out["box_ids"]["x1"].tolist() == [[0, 1, 2, 3]]
         for name, size in (("q", 32), ("x1", 24)):
             for c in range(len(out["views"][name])):
                 expected = source_to_view(src_boxes, out["geometry"][name][c], size, clip=True)
@@ -209,7 +212,7 @@ def test_dino_multicrop_groups_by_resolution_and_recipe_per_crop() -> None:
     areas = lambda g: (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) / (60 * 80)  # noqa: E731
     assert float(areas(batch["geometry"]["local"]).max()) <= 0.45  # RandomResizedCrop rounds sides
     assert float(areas(batch["geometry"]["global"]).min()) >= 0.35
-    assert batch["boxes"]["global"].shape == (6, 0, 4) and batch["box_ids"].shape == (3, 0)
+    assert batch["boxes"]["global"].shape == (6, 0, 4) and batch["box_ids"]["global"].shape == (6, 0)
 
 
 def test_recipe_applies_per_crop() -> None:
@@ -257,7 +260,10 @@ def test_boxes_padding_and_valid_flags() -> None:
     s1 = t(_boxes_sample(1, n_boxes=1), params=left_half)
     s2 = t({"image": _boxes_sample(2)["image"], "label": 1, "index": 2}, params=left_half)
     batch = collate_views([s0, s1, s2])
-    assert batch["box_ids"].tolist() == [[0, 1, 2, 3], [0, -1, -1, -1], [-1, -1, -1, -1]]
+    ids = [[0, 1, 2, 3], [0, -1, -1, -1], [-1, -1, -1, -1]]
+    assert batch["box_ids"]["q"].tolist() == ids * 2 and batch["box_ids"]["k"].tolist() == ids  # crop-major
+    assert batch["box_ids"]["q"].dtype == torch.int64
+    # labels are per image (indexed by box id), not per view
     assert batch["box_labels"].tolist() == [[10, 11, 12, 13], [10, -1, -1, -1], [-1, -1, -1, -1]]
     assert batch["boxes"]["q"].shape == (6, 4, 4) and batch["boxes"]["k"].shape == (3, 4, 4)
     assert batch["masks"]["q"].shape == (6, 4, 20, 20) and batch["masks"]["q"].dtype == torch.uint8
@@ -296,7 +302,7 @@ def test_dataloader_and_pickling() -> None:
     batches = list(DataLoader(_Mapped(data, t), batch_size=3, collate_fn=collate_views))
     assert len(batches) == 2
     assert batches[0]["views"]["q"].shape == (3, 3, 16, 16) and batches[0]["views"]["k"].shape == (3, 3, 16, 16)
-    assert batches[1]["box_ids"].tolist() == [[0, -1, -1], [0, 1, -1], [0, 1, 2]]
+    assert batches[1]["box_ids"]["k"].tolist() == [[0, -1, -1], [0, 1, -1], [0, 1, 2]]
     assert batches[1]["index"].tolist() == [3, 4, 5]
 
 
@@ -328,3 +334,162 @@ def test_clear_errors() -> None:
         t({"image": Image.new("RGB", (20, 20)), "label": 0, "index": 5}, params={})
     with pytest.raises(SampleError, match="non-empty list"):
         collate_views([])
+
+
+# ------------------------------------------------------------------------------------ geometry_from (x2 -> x2s)
+def _smooth_image(h: int = 60, w: int = 80) -> torch.Tensor:
+    """A smooth uint8 image (gradients and a soft blob): resampling it twice or once gives nearly the same."""
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    blob = torch.exp(-((xx - 50) ** 2 + (yy - 25) ** 2) / 200.0)
+    img = torch.stack([xx / w, yy / h, blob]) * 255
+    return img.round().to(torch.uint8)
+
+
+def test_geometry_from_reuses_crops_and_flips() -> None:
+    img = _smooth_image()
+    x2 = ViewSpec("x2", 32, scale=(0.3, 1.0), recipe="none")
+    x2s = ViewSpec("x2s", 16, recipe="none", geometry_from="x2", whole_image=True, flip_p=0.0)  # both unused
+    t = MultiViewTransform([x2s, x2], normalize=False)  # the copy may come first
+    alone = MultiViewTransform([x2], normalize=False)
+    boxes = torch.tensor([[10.0, 8.0, 50.0, 40.0], [30.0, 20.0, 70.0, 55.0]])
+    flips = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = t({"image": img, "label": 0, "index": seed, "boxes": boxes})
+        torch.manual_seed(seed)
+        ref = alone({"image": img, "label": 0, "index": seed, "boxes": boxes})
+        geometry = out["geometry"]["x2s"]
+        assert torch.equal(geometry, out["geometry"]["x2"])  # same rectangle and flip, recorded
+        assert torch.equal(out["geometry"]["x2"], ref["geometry"]["x2"])  # the copy draws nothing
+        assert torch.equal(out["views"]["x2"][0], ref["views"]["x2"][0])
+        flips.add(bool(geometry[0, 4]))
+        g = geometry[0].tolist()
+        crop = CropParams(int(g[1]), int(g[0]), int(g[3] - g[1]), int(g[2] - g[0]), bool(g[4]))
+        expected, _, _ = render_crop(img, crop, 16, InterpolationMode.BILINEAR)
+        assert torch.equal(out["views"]["x2s"][0], expected)  # rendered from the source at its own size
+        down = F.resize(out["views"]["x2"][0], [16, 16], antialias=True)  # ~ a downsampled copy of x2
+        assert (down.float() - out["views"]["x2s"][0].float()).abs().mean() < 2.0
+        torch.testing.assert_close(out["boxes"]["x2s"][0], out["boxes"]["x2"][0] / 2, atol=1e-4, rtol=0)
+    assert flips == {False, True}
+
+
+def test_geometry_from_multi_crop_and_explicit_params() -> None:
+    t = MultiViewTransform(
+        [ViewSpec("g", 32, n_crops=2, recipe="none"), ViewSpec("gs", 16, n_crops=2, recipe="none", geometry_from="g")],
+        normalize=False,
+    )
+    img = _smooth_image()
+    torch.manual_seed(0)
+    out = t({"image": img, "label": 0, "index": 0})
+    assert torch.equal(out["geometry"]["g"], out["geometry"]["gs"])
+    assert out["geometry"]["g"][0].tolist() != out["geometry"]["g"][1].tolist()  # crop i <-> crop i
+    crops = [CropParams(0, 0, 30, 40), CropParams(10, 20, 40, 50, True)]
+    out = t({"image": img, "label": 0, "index": 0}, params={"g": crops})  # the copy's params follow
+    assert out["geometry"]["gs"].tolist() == [c.geometry_list() for c in crops]
+    with pytest.raises(ViewError, match="params for view 'gs' differ from those of 'g'"):
+        t({"image": img, "label": 0, "index": 0}, params={"g": crops, "gs": crops[::-1]})
+
+
+def test_geometry_from_errors() -> None:
+    with pytest.raises(ViewError, match="geometry_from 'x9' is not a view"):
+        MultiViewTransform([ViewSpec("x2", 32), ViewSpec("x2s", 16, geometry_from="x9")])
+    with pytest.raises(ViewError, match="geometry_from 'x2' has n_crops 2 but this view has 1"):
+        MultiViewTransform([ViewSpec("x2", 32, n_crops=2), ViewSpec("x2s", 16, geometry_from="x2")])
+    with pytest.raises(ViewError, match="cycle: a -> b -> a"):
+        MultiViewTransform([ViewSpec("a", 32, geometry_from="b"), ViewSpec("b", 16, geometry_from="a")])
+    with pytest.raises(ViewError, match="view spec 'a': geometry_from names the view itself"):
+        ViewSpec("a", 32, geometry_from="a")
+    chain = MultiViewTransform(  # chains are fine: all three share one draw
+        [ViewSpec("a", 32, recipe="none"), ViewSpec("b", 16, geometry_from="a"), ViewSpec("c", 8, geometry_from="b")]
+    )
+    out = chain({"image": _smooth_image(), "label": 0, "index": 0})
+    assert torch.equal(out["geometry"]["a"], out["geometry"]["c"])
+
+
+def test_view_spec_defaults_and_new_field_errors() -> None:
+    spec = ViewSpec("q")
+    assert spec.size == 224 and spec.geometry_from is None
+    assert spec.box_cutout_p == 0.0 and spec.box_jitter_p == 0.0 and spec.box_jitter_grow is True
+    with pytest.raises(ViewError, match="view spec 'q': box_cutout_p must be in \\[0, 1\\], got 1.5"):
+        ViewSpec("q", box_cutout_p=1.5)
+    with pytest.raises(ViewError, match="box_cutout_area must satisfy 0 < min <= max <= 1.0"):
+        ViewSpec("q", box_cutout_area=(0.3, 0.1))
+    with pytest.raises(ViewError, match="box_jitter_range must be in \\[0, 1\\)"):
+        ViewSpec("q", box_jitter_range=1.0)
+    with pytest.raises(ViewError, match="box_jitter_grow must be true or false"):
+        ViewSpec("q", box_jitter_grow="no")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ proposals
+def _proposals_sample(index: int = 0, n: int = 3) -> dict:
+    sample = _boxes_sample(index, n_boxes=2)
+    sample["proposals"] = torch.tensor(
+        [[2.0, 2.0, 40.0, 30.0], [35.0, 10.0, 78.0, 58.0], [10.0, 40.0, 20.0, 52.0], [60.0, 0.0, 61.0, 1.0]]
+    )[:n]
+    return sample
+
+
+def test_proposals_are_transformed_like_boxes() -> None:
+    t = MultiViewTransform(
+        [ViewSpec("x1", 24, whole_image=True), ViewSpec("x2", 32, n_crops=2, scale=(0.1, 0.5)),
+         ViewSpec("x2s", 16, n_crops=2, geometry_from="x2")]
+    )
+    src = _proposals_sample()["proposals"]
+    n_invalid = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = t(_proposals_sample(seed))
+        assert out["box_ids"]["x1"].tolist() == [[0, 1]]  # ground truth untouched, kept apart
+        for name, size in (("x1", 24), ("x2", 32), ("x2s", 16)):
+            assert out["proposal_ids"][name].tolist() == [[0, 1, 2]] * len(out["views"][name])
+            for c, geometry in enumerate(out["geometry"][name]):
+                expected = source_to_view(src, geometry, size, clip=True)
+                torch.testing.assert_close(out["proposals"][name][c], expected, atol=1e-4, rtol=0)
+                valid = out["proposal_valid"][name][c]
+                assert torch.equal(valid, box_area(expected) >= 1.0)
+                n_invalid += int((~valid).sum())
+    assert n_invalid > 0
+    assert "box_labels" in out and "masks" in out  # proposals have neither: nothing proposal-shaped is added
+    assert not any(k.startswith("proposal_") and k not in ("proposal_ids", "proposal_valid") for k in out)
+
+
+def test_collate_proposals_crop_major_with_padding() -> None:
+    t = MultiViewTransform([ViewSpec("q", 20, n_crops=2), ViewSpec("k", 16)])
+    left_half = {"q": [CropParams(0, 0, 60, 40)] * 2, "k": [CropParams(0, 0, 60, 80)]}
+    s0 = t(_proposals_sample(0, n=3), params=left_half)
+    s1 = t({k: v for k, v in _proposals_sample(1, n=1).items() if k not in ("boxes", "box_labels", "masks")},
+           params=left_half)
+    s2 = t({"image": _boxes_sample(2)["image"], "label": 1, "index": 2}, params=left_half)
+    batch = collate_views([s0, s1, s2])
+    ids = [[0, 1, 2], [0, -1, -1], [-1, -1, -1]]
+    assert batch["proposal_ids"]["q"].tolist() == ids * 2 and batch["proposal_ids"]["k"].tolist() == ids
+    assert batch["proposal_ids"]["q"].dtype == torch.int64 and batch["proposal_valid"]["q"].dtype == torch.bool
+    assert batch["proposals"]["q"].shape == (6, 3, 4) and batch["proposals"]["k"].shape == (3, 3, 4)
+    # proposal 1 starts at x 35 and reaches into the left half; proposal 2 is inside it
+    assert batch["proposal_valid"]["q"].tolist() == [[True, True, True], [True, False, False], [False] * 3] * 2
+    torch.testing.assert_close(batch["proposals"]["q"][3], s0["proposals"]["q"][1])  # crop 1, image 0
+    assert float(batch["proposals"]["q"][[1, 4], 1:].abs().sum()) == 0  # padding is 0
+    # boxes: sample 1 and 2 have none -> all padding; the proposal set did not leak into them
+    assert batch["box_ids"]["q"].tolist() == [[0, 1], [-1, -1], [-1, -1]] * 2
+    with pytest.raises(SampleError, match="'proposal_ids' must be a dict view"):
+        collate_views([{**s0, "proposal_ids": torch.arange(3)}])
+
+
+def test_sample_seed_passes_through() -> None:
+    t = MultiViewTransform([ViewSpec("q", 16)])
+    out = t({"image": _smooth_image(), "label": 0, "index": 4, "seed": 123})
+    assert out["seed"] == 123
+    assert "seed" not in t({"image": _smooth_image(), "label": 0, "index": 4})
+    with pytest.raises(SampleError, match="sample index 4: 'seed' must be an int"):
+        t({"image": _smooth_image(), "label": 0, "index": 4, "seed": 1.5})
+
+
+def test_proposal_errors() -> None:
+    t = MultiViewTransform([ViewSpec("q", 16)])
+    image = Image.new("RGB", (20, 20))
+    with pytest.raises(SampleError, match=r"sample index 5: 'proposals' must be \[N, 4\]"):
+        t({"image": image, "label": 0, "index": 5, "proposals": torch.zeros(2, 3)})
+    with pytest.raises(SampleError, match=r"sample index 5: proposal 1 \[.*\] has x2 < x1"):
+        t({"image": image, "label": 0, "index": 5, "proposals": [[0.0, 0.0, 4.0, 4.0], [9.0, 0.0, 5.0, 4.0]]})
+    with pytest.raises(SampleError, match="'proposals' contains non-finite values"):
+        t({"image": image, "label": 0, "index": 5, "proposals": [[0.0, 0.0, float("nan"), 4.0]]})

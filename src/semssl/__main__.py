@@ -1,4 +1,5 @@
-from semssl.cli import main
 import sys
+
+from semssl.cli import main
 
 sys.exit(main())

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,9 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class BenchError(ValueError):
-    """A benchmark setting that cannot be measured (names the option at fault)."""
+from semssl.errors import BenchError
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,13 +54,12 @@ def random_views(cfg: Any, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
 def data_batch(cfg: Any, batch_size: int) -> dict:
     """The first ``batch_size`` samples of the recipe's training data through its views, collated: a real batch
     with geometry (and boxes for scene data), for methods that read more than the images."""
-    from semssl.data.views import collate_views
-    from semssl.engine.data import build_train_dataset, resolve_paths
+    from semssl.engine.data import build_collate, build_train_dataset, resolve_paths
 
     dataset = build_train_dataset(cfg, resolve_paths(cfg)["train"])
     if len(dataset) < batch_size:
         raise BenchError(f"--batch {batch_size}: the training data has only {len(dataset)} images")
-    return collate_views([dataset[(0, i)] for i in range(batch_size)])
+    return build_collate(cfg)([dataset[(0, i)] for i in range(batch_size)])
 
 
 class SupervisedStep:
@@ -102,12 +99,13 @@ class SupervisedStep:
 
 
 class MethodStep:
-    """One iteration of the engine (:meth:`SSLModule.training_step`) without Lightning.
+    """One iteration of the engine without Lightning: the same :func:`semssl.engine.step.optimisation_step`
+    that :class:`semssl.engine.module.SSLModule` runs per batch.
 
     Built from a full config: ``SSLModule(cfg, global_batch)`` makes the method (and applies
-    ``model.channels_last``), its optimiser (``configure_optimizers``) and its lr / weight-decay schedules, so
-    the step runs the engine's own objects. Left out: Lightning's logging of the scalars (a few ``detach``
-    calls) and AMP (benchmarks run in fp32, as the CPU recipes do).
+    ``model.channels_last``), its optimiser (``configure_optimizers``) and its schedules, so the step runs the
+    engine's own objects. Left out: Lightning's logging of the scalars and AMP (benchmarks run in fp32, as the
+    CPU recipes do).
     """
 
     def __init__(self, cfg: Any, batch: dict, steps_per_epoch: int = 100) -> None:
@@ -122,44 +120,32 @@ class MethodStep:
         self.optimizer = self.module.configure_optimizers()
         self.batch = batch
         self.step = 0
-        missing = [v for v in self.method.required_views if v not in batch["views"]]
+        missing = [v for v in self.method.required_views(cfg.method) if v not in batch["views"]]
         if missing:
             raise BenchError(f"method '{cfg.method.name}' needs views {missing}; the batch has "
                              f"{sorted(batch['views'])}")
 
     def progress(self) -> Any:
-        from semssl.engine.schedules import Progress
+        from semssl.engine.step import with_values
+        from semssl.schedules import Progress
 
         spe, total = self.module.steps_per_epoch, self.module.total
         step = self.step % total
-        return Progress(epoch=step // spe, step=step, steps_per_epoch=spe, total_steps=total)
+        return with_values(Progress(epoch=step // spe, step=step, steps_per_epoch=spe, total_steps=total),
+                           self.module.schedules)
 
-    def __call__(self) -> Tensor:
-        from semssl.engine.module import NonFiniteLossError
-        from semssl.engine.optim import clip_gradients, set_lr_wd
-        from semssl.methods.base import ema_update
+    def __call__(self, batch: Optional[dict] = None) -> Tensor:
+        """One step on ``batch`` (default: the batch given at construction); returns the loss."""
+        return self.run(batch)["loss"].detach()
 
-        progress = self.progress()
-        set_lr_wd(self.optimizer, self.module.lr_schedule(progress), self.module.wd_schedule(progress))
-        batch = self.batch
-        if self.cfg.model.channels_last:
-            batch = {**batch, "views": {k: v.contiguous(memory_format=torch.channels_last)
-                                        for k, v in batch["views"].items()}}
-        out = self.method.training_step(batch, progress)
-        loss = out["loss"]
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(f"benchmark step {self.step}: loss is {float(loss)}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.clip_grad > 0:
-            clip_gradients(self.method.parameters(), self.cfg.optim.clip_grad, mode=self.cfg.optim.clip_mode)
-        self.method.on_after_backward(progress)
-        self.optimizer.step()
-        momentum = self.method.ema_momentum(progress)
-        for student, teacher in self.method.momentum_pairs():
-            ema_update(student, teacher, momentum)
+    def run(self, batch: Optional[dict] = None) -> dict[str, Any]:
+        """One step on ``batch``; returns the method's outputs and the schedule values used."""
+        from semssl.engine.step import optimisation_step
+
+        out = optimisation_step(self.method, self.optimizer, self.batch if batch is None else batch,
+                                self.progress(), self.cfg)
         self.step += 1
-        return loss.detach()
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------

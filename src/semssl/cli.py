@@ -51,8 +51,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
-        from semssl.config import to_dict
         import yaml
+
+        from semssl.config import to_dict
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
@@ -75,20 +76,31 @@ def _eval_config(args: argparse.Namespace, info_cfg: Any) -> Any:
 
 
 def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
-    from semssl.engine.checkpoint import load_backbone
+    """The model to evaluate (a method from a semssl checkpoint, or a bare backbone), its info, its config."""
+    from semssl.engine.checkpoint import load_model
 
     if args.random_init:
-        from semssl.models.backbones import ResNetBackbone
-
         import torch
 
+        from semssl.models.backbones import BackboneModel, ResNetBackbone
+
         torch.manual_seed(args.seed)
-        backbone = ResNetBackbone(args.arch or "resnet50", small_input=args.small_input).eval()
-        return backbone, {"source": "random init", "arch": backbone.arch, "method": None, "branch": None}, None
+        model = BackboneModel(ResNetBackbone(args.arch or "resnet50", small_input=args.small_input)).eval()
+        return model, {"source": "random init", "arch": args.arch or "resnet50", "method": None,
+                       "default_branch": "online"}, None
     if not args.checkpoint:
         raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
                          " or --random-init")
-    return load_backbone(args.checkpoint, branch=args.branch, arch=args.arch, with_config=True)
+    return load_model(args.checkpoint, arch=args.arch)
+
+
+def _features_of(model: Any, args: argparse.Namespace, cfg: Any) -> tuple:
+    """(train_x, train_y, test_x, test_y) through ``model.features`` on the chosen branch."""
+    from semssl.eval.evaluate import folder_features
+
+    train_x, train_y = folder_features(model, args.train, cfg, branch=args.branch)
+    test_x, test_y = folder_features(model, args.test, cfg, branch=args.branch)
+    return train_x, train_y, test_x, test_y
 
 
 def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload: dict) -> None:
@@ -108,13 +120,12 @@ def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload:
 
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:
-    from semssl.engine.evaluate import backbone_features
     from semssl.eval.knn import knn_evaluate
 
-    backbone, info, cfg = _load_for_eval(args)
+    model, info, cfg = _load_for_eval(args)
     cfg = _eval_config(args, cfg)
-    train_x, train_y = backbone_features(backbone, args.train, cfg)
-    test_x, test_y = backbone_features(backbone, args.test, cfg)
+    info["branch"] = model.resolve_branch(args.branch)
+    train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
     res = knn_evaluate(train_x, train_y, test_x, test_y, ks=tuple(args.k), temperature=args.temperature)
     rows = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
     _print_result(f"kNN ({info['source']}, T={args.temperature})", rows, args.out,
@@ -124,21 +135,20 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
-    from semssl.engine.evaluate import backbone_features
     from semssl.eval.linear import FastLinearConfig, linear_fast
 
-    backbone, info, cfg = _load_for_eval(args)
+    model, info, cfg = _load_for_eval(args)
     cfg = _eval_config(args, cfg)
+    info["branch"] = model.resolve_branch(args.branch)
     if args.protocol == "fast":
-        train_x, train_y = backbone_features(backbone, args.train, cfg)
-        test_x, test_y = backbone_features(backbone, args.test, cfg)
+        train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
         res = linear_fast(train_x, train_y, test_x, test_y,
                           config=FastLinearConfig(epochs=args.epochs or 100, seed=args.seed,
                                                   **({"lrs": tuple(args.lrs)} if args.lrs else {})))
     else:
-        from semssl.engine.evaluate import linear_standard_on_folders
+        from semssl.eval.evaluate import linear_standard_on_folders
 
-        res = linear_standard_on_folders(backbone, args, cfg)
+        res = linear_standard_on_folders(model, args, cfg, branch=args.branch)
     rows = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
     _print_result(f"linear probe, {args.protocol} protocol ({info['source']})", rows, args.out,
                   {"linear": res, "model": info, "train": args.train, "test": args.test})
@@ -147,7 +157,8 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ data
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from semssl.data.synthetic import SynthConfig, default_root, generate
+    from semssl.data.synthetic import SynthConfig, default_root
+    from semssl.data.synthetic.build import generate
 
     root = Path(args.root) if args.root else default_root()
     cfg = SynthConfig(seed=args.seed, object_size=args.object_size, scene_size=args.scene_size,
@@ -271,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `semssl` console script."""
-    from semssl.config import ConfigError
+    from semssl.errors import ConfigError, SemsslError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -281,15 +292,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"semssl: config error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # clear one-line messages for the errors users can fix
-        from semssl.data.sources import DataError
-        from semssl.engine.checkpoint import CheckpointError
-        from semssl.engine.module import NonFiniteLossError
-
-        if isinstance(err, (DataError, CheckpointError, NonFiniteLossError)):
-            print(f"semssl: {type(err).__name__}: {err}", file=sys.stderr)
-            return 1
-        raise
+    except SemsslError as err:  # data, checkpoint, diverging loss: one clear line, no traceback
+        print(f"semssl: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,33 +22,22 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from semssl.data.regions import RegionSampling
 from semssl.data.synthetic import SynthConfig
+from semssl.data.views import ViewSpec
+from semssl.errors import ConfigError
+from semssl.methods import available_methods, check_views, method_config_class
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
+#: the recipe `semssl pretrain` runs when given none (the main job on the built-in data)
+DEFAULT_RECIPE = "mocov2_resnet18_1x64-400it_synthetic"
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config tree (names the key at fault)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class ViewConfig:
-    """One named view of the batch (see :class:`semssl.data.views.ViewSpec`)."""
-
-    name: str = "q"
-    size: int = 224
-    n_crops: int = 1
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    recipe: Union[str, list[str]] = "mocov2"
-    whole_image: bool = False
-    flip_p: float = 0.5
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-
-
 @dataclass
 class SyntheticConfig(SynthConfig):
     """The built-in dataset (fields of :class:`semssl.data.synthetic.SynthConfig`) and where it lives
@@ -63,7 +52,11 @@ class DataConfig:
 
     ``train`` is a path (image folder, file list or COCO JSON) or ``synthetic`` (the built-in objects split).
     ``eval_train`` / ``eval_test`` are labelled image folders for the kNN monitor and the final evaluation; with
-    ``synthetic`` they default to the built-in objects' train/test folders.
+    ``synthetic`` they default to the built-in objects' train/test folders. ``views`` are
+    :class:`~semssl.data.views.ViewSpec` entries (name, size, crops, recipe, geometry, box augmentations);
+    ``region_sampling`` keeps proposals visible in two views (:class:`~semssl.data.regions.RegionSampling`);
+    ``batch_transforms`` are registered batch-level augmentations (``semssl.data.regions``), each
+    ``{name: ..., <argument>: <value>}``, run after collation.
     """
 
     train: str = "synthetic"
@@ -71,9 +64,9 @@ class DataConfig:
     eval_test: Optional[str] = None
     batch_size: int = 64  # per device
     num_workers: int = 2
-    views: list[ViewConfig] = field(
-        default_factory=lambda: [ViewConfig(name="q"), ViewConfig(name="k")]
-    )
+    views: list[ViewSpec] = field(default_factory=lambda: [ViewSpec(name="q"), ViewSpec(name="k")])
+    region_sampling: Optional[RegionSampling] = None  # proposal sampling of SoCo/D3SSL (data/regions.py)
+    batch_transforms: list[dict] = field(default_factory=list)  # [{name: ..., arg: value}] after collation
     blur_reference_size: Optional[int] = 224
     eval_size: int = 224
     eval_resize_ratio: float = 256 / 224
@@ -97,13 +90,17 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and its per-iteration schedules. ``lr`` is per 256 images (scaled by the global batch)."""
+    """Optimiser and its lr / weight-decay schedules. ``lr`` is per 256 images (scaled by the global batch);
+    ``min_lr`` is absolute. ``per: epoch`` looks the lr up once per epoch (MoCo's ``--cos``), ``step`` per
+    iteration (DINO, SoCo, BYOL). The method's own schedules (EMA momentum, teacher temperature) are declared
+    by the method (``Method.schedules``)."""
 
     name: Literal["sgd", "lars", "adamw"] = "sgd"
     lr: float = 0.03
     lr_scaling: Literal["linear", "none"] = "linear"
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # absolute: the cosine's end value, not scaled by the batch (DINO/SCFS min_lr)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
+    per: Literal["step", "epoch"] = "step"  # lr looked up per iteration (DINO) or per epoch (MoCo's --cos)
     milestones: list[float] = field(default_factory=list)  # for "step": epochs or fractions
     warmup: Union[float, str] = 0  # epochs (>= 1), or a fraction of the run (< 1), or "5%"
     warmup_start: float = 0.0
@@ -245,7 +242,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls, globalns=globals())
+    hints = typing.get_type_hints(cls)  # resolved in the module that defines each field
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -256,15 +253,42 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             kwargs[key] = method_config_from_dict(value, dotted)
             continue
         kwargs[key] = _convert(value, hints[key], dotted)
-    obj = cls(**kwargs)
-    if cls is Config and obj.method is None:
-        raise ConfigError("method: a recipe must name a method (method.name); see `semssl methods`")
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as err:  # a dataclass that validates itself (ViewSpec, RegionSampling, ...)
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
+    except TypeError as err:  # a required field without a default
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"{prefix or cls.__name__}: missing key(s) {missing} ({err})") from None
+    if cls is Config:
+        if obj.method is None:
+            raise ConfigError("method: a recipe must name a method (method.name); see `semssl methods`")
+        check_views(obj)
+        _check_data(obj.data)
     return obj
 
 
-def method_config_from_dict(value: Any, key: str = "method") -> Any:
-    from semssl.methods import method_config_class, available_methods
+def _check_data(data: DataConfig) -> None:
+    """What the data section's pieces check only together: view references, proposal sampling, batch transforms."""
+    from semssl.data.regions import build_batch_transform
+    from semssl.data.views import MultiViewTransform
 
+    try:
+        MultiViewTransform(data.views, blur_reference_size=data.blur_reference_size,
+                           region_sampling=data.region_sampling)
+    except ConfigError as err:
+        raise ConfigError(f"data.views: {err}") from None
+    for i, item in enumerate(data.batch_transforms):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"data.batch_transforms[{i}]: expected a mapping with a 'name', got {item!r}")
+        try:
+            build_batch_transform(**item)
+        except ConfigError as err:
+            raise ConfigError(f"data.batch_transforms[{i}]: {err}") from None
+
+
+def method_config_from_dict(value: Any, key: str = "method") -> Any:
     if not isinstance(value, dict) or "name" not in value:
         raise ConfigError(f"{key}: expected a mapping with a 'name' (one of {available_methods()})")
     cls = method_config_class(value["name"])
@@ -412,8 +436,6 @@ def _list_item(node: list, part: str, parts: list[str]) -> Any:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a recipe (path or packaged name; None = the default recipe) and apply dotted overrides."""
-    from semssl.methods import DEFAULT_RECIPE
-
     path = recipe_path(str(recipe) if recipe is not None else DEFAULT_RECIPE)
     data = apply_overrides(load_yaml(path), list(overrides or []))
     data.setdefault("name", path.stem)

@@ -53,6 +53,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from semssl.errors import RecipeError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -88,9 +90,6 @@ _INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
     "bicubic": v2.InterpolationMode.BICUBIC,
 }
 
-
-class RecipeError(ValueError):
-    """An augmentation recipe or its arguments are invalid (unknown name, bad size, bad image)."""
 
 
 @dataclass(frozen=True)

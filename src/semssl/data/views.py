@@ -1,29 +1,40 @@
 """Multi-view / multi-crop sampling that records each crop's geometry, and the Batch collate.
 
 A :class:`MultiViewTransform` turns one source sample (``{"image": PIL RGB, "label", "index", optional
-"boxes", "box_labels", "masks"}``) into several named views (DESIGN.md "Key abstractions", the Batch contract):
+"boxes", "box_labels", "masks", "proposals", "seed"}``) into several named views (DESIGN.md "Key abstractions",
+the Batch contract):
 
 * every crop is a RandomResizedCrop (torchvision's sampling algorithm, ``v2.RandomResizedCrop.make_params``,
   with the spec's scale/ratio) or the whole image (SoCo view 1, METHODS.md §5.1: resized to a square, aspect
   not kept), followed by a horizontal flip with probability ``flip_p``, applied with
-  ``torchvision.transforms.v2.functional`` to the image, to the boxes (``tv_tensors.BoundingBoxes``) and to the
-  instance masks; then the crop's photometric recipe (:mod:`semssl.data.augment`) and normalisation;
+  ``torchvision.transforms.v2.functional`` to the image, to the boxes and proposals
+  (``tv_tensors.BoundingBoxes``) and to the instance masks; then the crop's photometric recipe
+  (:mod:`semssl.data.augment`), normalisation, and the view's box-aware augmentations (cutout in boxes, box
+  jitter: :mod:`semssl.data.regions`, off by default);
+* a view may reuse the crops of another (``ViewSpec.geometry_from``: SoCo/D3SSL's x2-s, a small copy of x2);
 * every crop records its **geometry**, a float tensor ``[5] = (x1, y1, x2, y2, flip)``: the crop box in
   source-image pixels in continuous coordinates (a crop covering pixel columns ``[x, x + w)`` has
   ``x1 = x, x2 = x + w``) and the flip flag (the flip is applied after the resize, horizontally).  With it
   :func:`view_to_source`, :func:`source_to_view` and :func:`map_boxes` relate any two views of an image (e.g.
-  SCFS's RoI crop: where a local crop lies inside global crop 0, METHODS.md §1 / DESIGN.md "SCFS").
+  SCFS's RoI crop: where a local crop lies inside global crop 0, METHODS.md §1 / DESIGN.md "SCFS");
+* ground-truth ``boxes`` (with labels and masks) and unsupervised ``proposals`` (no labels, no masks) are two
+  separate region sets, transformed identically; with a :class:`~semssl.data.regions.RegionSampling` the
+  proposals are sampled as SoCo does (k per image visible in two views, crops re-drawn when too few are).
 
 Coordinates are continuous pixel coordinates throughout (pixel ``i`` covers ``[i, i + 1)``, its centre is
 ``i + 0.5``): torchvision's box kernels and its ``align_corners=False`` resampling both follow this
 convention, so boxes mapped with the recorded geometry land on the same pixels as the resampled image.
+Proposals in SoCo's inclusive convention (``x2 = x1 + w - 1``) must get ``+1`` on x2 and y2 before coming here.
 
 :func:`collate_views` stacks per-sample outputs into the Batch dict, **crop-major** (index = crop * B + image),
-the order DINO/SCFS use (``torch.cat`` of a list of crops; METHODS.md §1.3).
+the order DINO/SCFS use (``torch.cat`` of a list of crops; METHODS.md §1.3).  :class:`Collate` does the same and
+then runs batch transforms (augmentations mixing the images of a batch) with a generator seeded from the samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -43,6 +54,20 @@ from semssl.data.augment import (
     interpolation_mode,
     tensor_to_array,
 )
+from semssl.data.regions import (
+    MIN_VALID_BOX_AREA,
+    BatchTransform,
+    RegionSampling,
+    _is_int,
+    box_area,
+    box_cutout,
+    box_jitter,
+    build_batch_transform,
+    clip_boxes,
+    select_regions,
+    view_hw,
+)
+from semssl.errors import SampleError, ViewError
 
 __all__ = [
     "ViewError",
@@ -50,7 +75,11 @@ __all__ = [
     "ViewSpec",
     "CropParams",
     "MultiViewTransform",
+    "RegionSampling",
+    "Collate",
+    "batch_seed",
     "render_crop",
+    "transform_boxes",
     "collate_views",
     "view_to_source",
     "source_to_view",
@@ -60,18 +89,10 @@ __all__ = [
     "MIN_VALID_BOX_AREA",
 ]
 
-MIN_VALID_BOX_AREA = 1.0
-"""A box is valid in a crop when its clipped area there is at least this many squared view pixels."""
-
 _VIEW_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-
-class ViewError(ValueError):
-    """A view specification or a geometry/box argument is invalid."""
-
-
-class SampleError(ValueError):
-    """A source sample (or a list of transformed samples given to the collate) is malformed."""
+_REGION_KEYS = {"boxes": ("box_ids", "box_valid"), "proposals": ("proposal_ids", "proposal_valid")}
+"""Region set -> (its ids key, its validity key), in the sample outputs and in the batch."""
 
 
 @dataclass
@@ -82,10 +103,26 @@ class ViewSpec:
     ``dino_global1``, crop 1 -> ``dino_global2``, METHODS.md §1.7).  ``whole_image=True`` resizes the whole
     image to ``size x size`` without keeping its aspect (SoCo view 1, METHODS.md §5.1); ``scale``/``ratio``
     are then unused.  ``interpolation`` is ``"bilinear"`` (MoCo/BYOL/SoCo) or ``"bicubic"`` (DINO/SCFS).
+
+    ``geometry_from`` names another view whose crop rectangles and flips this view reuses (crop ``i`` here =
+    crop ``i`` there, so ``n_crops`` must match), rendered at this view's ``size`` with this view's recipe and
+    interpolation: SoCo/D3SSL's x2-s, a 112 px copy of x2 (METHODS.md §5.2).  Its ``whole_image``, ``scale``,
+    ``ratio`` and ``flip_p`` are then unused and its recorded geometry equals the other view's.  Decisions: it
+    is rendered from the source pixels with the same rectangle (antialiased), not by resizing the other view's
+    pixels, and its photometric randomness is its own; the flip is shared, as a downsampled copy's is (SoCo*'s
+    code flips its 112 px view 4 independently, METHODS.md §5.1).
+
+    Box-aware augmentations, applied after the recipe and normalisation on the view's regions — the
+    proposals when the sample has them, else its ground-truth boxes (:mod:`semssl.data.regions`); 0 = off, the
+    default: ``box_cutout_p``/``box_cutout_area`` (SoCo's cutout in boxes, on view 2 in SoCo C4: p 0.5, area
+    (0.1, 0.3), METHODS.md §5.1) and ``box_jitter_p``/``box_jitter_range``/``box_jitter_grow`` (SoCo FPN's jitter
+    p 0.5, r 0.1; D3SSL's RBJ is ``box_jitter_grow=False``, METHODS.md §5.2).  The cutout uses the boxes before
+    the jitter; jittered boxes replace the view's boxes (the same id keeps its un-jittered box in other views)
+    and count as valid when their clipped area is still >= :data:`MIN_VALID_BOX_AREA`.
     """
 
     name: str
-    size: int
+    size: int = 224
     n_crops: int = 1
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -93,6 +130,12 @@ class ViewSpec:
     whole_image: bool = False
     flip_p: float = 0.5
     interpolation: str = "bilinear"
+    geometry_from: str | None = None
+    box_cutout_p: float = 0.0
+    box_cutout_area: tuple[float, float] = (0.1, 0.3)
+    box_jitter_p: float = 0.0
+    box_jitter_range: float = 0.1
+    box_jitter_grow: bool = True
 
     def __post_init__(self) -> None:
         where = f"view spec {self.name!r}"
@@ -104,12 +147,21 @@ class ViewSpec:
             raise ViewError(f"{where}: n_crops must be an int >= 1, got {self.n_crops!r}")
         self.scale = _check_range(self.scale, "scale", where, upper=1.0)
         self.ratio = _check_range(self.ratio, "ratio", where, upper=None)
-        if not 0.0 <= float(self.flip_p) <= 1.0:
-            raise ViewError(f"{where}: flip_p must be in [0, 1], got {self.flip_p!r}")
+        for what in ("flip_p", "box_cutout_p", "box_jitter_p"):
+            _check_unit(getattr(self, what), what, where)
         if self.interpolation not in _VIEW_INTERPOLATIONS:
             raise ViewError(
                 f"{where}: unknown interpolation {self.interpolation!r}; valid: {', '.join(_VIEW_INTERPOLATIONS)}"
             )
+        if self.geometry_from is not None and (not isinstance(self.geometry_from, str) or not self.geometry_from):
+            raise ViewError(f"{where}: geometry_from must be a view name or None, got {self.geometry_from!r}")
+        if self.geometry_from == self.name:
+            raise ViewError(f"{where}: geometry_from names the view itself")
+        self.box_cutout_area = _check_range(self.box_cutout_area, "box_cutout_area", where, upper=1.0)
+        if not isinstance(self.box_jitter_range, numbers.Real) or not 0.0 <= self.box_jitter_range < 1.0:
+            raise ViewError(f"{where}: box_jitter_range must be in [0, 1), got {self.box_jitter_range!r}")
+        if not isinstance(self.box_jitter_grow, bool):
+            raise ViewError(f"{where}: box_jitter_grow must be true or false, got {self.box_jitter_grow!r}")
         recipes = self.recipes()
         if len(recipes) != self.n_crops:
             raise ViewError(
@@ -129,8 +181,9 @@ class ViewSpec:
         return list(self.recipe)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def _check_unit(value: Any, what: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ViewError(f"{where}: {what} must be in [0, 1], got {value!r}")
 
 
 def _check_range(value: Any, what: str, where: str, upper: float | None) -> tuple[float, float]:
@@ -142,6 +195,31 @@ def _check_range(value: Any, what: str, where: str, upper: float | None) -> tupl
         bound = f" <= {upper}" if upper is not None else ""
         raise ViewError(f"{where}: {what} must satisfy 0 < min <= max{bound}, got {value!r}")
     return (lo, hi)
+
+
+def _geometry_roots(specs: Sequence[ViewSpec]) -> dict[str, str]:
+    """View name -> the view whose crops it uses (itself, or the end of its ``geometry_from`` chain)."""
+    by_name = {s.name: s for s in specs}
+    roots = {}
+    for spec in specs:
+        chain, current = [spec.name], spec
+        while current.geometry_from is not None:
+            ref = current.geometry_from
+            if ref not in by_name:
+                raise ViewError(
+                    f"view spec {current.name!r}: geometry_from {ref!r} is not a view (views: {', '.join(by_name)})"
+                )
+            if by_name[ref].n_crops != current.n_crops:
+                raise ViewError(
+                    f"view spec {current.name!r}: geometry_from {ref!r} has n_crops {by_name[ref].n_crops} but "
+                    f"this view has {current.n_crops}; they must match"
+                )
+            if ref in chain:
+                raise ViewError(f"geometry_from forms a cycle: {' -> '.join(chain + [ref])}")
+            chain.append(ref)
+            current = by_name[ref]
+        roots[spec.name] = current.name
+    return roots
 
 
 @dataclass(frozen=True)
@@ -175,40 +253,68 @@ class _Source:
     label: int
     index: int
     boxes: tv_tensors.BoundingBoxes | None = None
+    box_ids: torch.Tensor | None = None  # int64 [N]: the source box index
     box_labels: torch.Tensor | None = None
     masks: torch.Tensor | None = None  # uint8 [N, H, W]
+    proposals: tv_tensors.BoundingBoxes | None = None
+    proposal_ids: torch.Tensor | None = None  # int64 [N]: the source proposal index
+    seed: int | None = None
 
 
 class MultiViewTransform:
     """Sample named multi-crop views of one sample and record their geometry (see module docstring).
 
     Args:
-        specs: the views; names must be unique.
+        specs: the views; names must be unique; ``geometry_from`` must name another view with the same
+            ``n_crops``, without cycles.
         blur_reference_size: blur sigma scaling reference (see :mod:`semssl.data.augment`), None = absolute.
         normalize: True -> float32 views normalised with ImageNet mean/std; False -> uint8 views (raw pixels,
             for visualisation or on-device normalisation).
+        region_sampling: SoCo's proposal sampling (:class:`~semssl.data.regions.RegionSampling`), applied to
+            samples that carry ``"proposals"``; None = every proposal of the sample is kept in every view.
 
     Calling it returns ``{"views": {name: [n_crops tensors C,H,W]}, "geometry": {name: Tensor[n_crops,5]},
-    "label", "index", "source_size": (H, W)}`` plus, when the sample has boxes, ``"boxes": {name:
-    Tensor[n_crops,P,4]}`` (in each crop's pixels, clipped to it), ``"box_ids": Tensor[P]`` (the source box
-    index), ``"box_valid": {name: BoolTensor[n_crops,P]}`` (clipped area >= 1 px^2 in the view),
-    ``"box_labels": Tensor[P]`` when given, and ``"masks": {name: Tensor[n_crops,P,H,W]}`` when given.
+    "label", "index", "source_size": (H, W)}``, ``"seed"`` when the source sample has one (for
+    :class:`Collate`), plus, per region set present in the sample — ``"boxes"`` (ground truth) and/or
+    ``"proposals"`` — ``{set}: {name: Tensor[n_crops,P,4]}`` (in each crop's pixels, clipped to it), ids
+    ``{name: int64 Tensor[n_crops,P]}`` (``"box_ids"`` / ``"proposal_ids"``: the source index; the same id in
+    every view = the same object/proposal) and validity ``{name: BoolTensor[n_crops,P]}`` (``"box_valid"`` /
+    ``"proposal_valid"``: clipped area >= :data:`MIN_VALID_BOX_AREA` px^2 in the view), and for the boxes
+    ``"box_labels": Tensor[P]`` and ``"masks": {name: Tensor[n_crops,P,H,W]}`` when given.  With
+    ``region_sampling`` the proposals are the ``k`` sampled ones (ids repeat for padding duplicates).
     """
 
-    def __init__(self, specs: Sequence[ViewSpec], blur_reference_size: int | None = 224, normalize: bool = True):
+    def __init__(
+        self,
+        specs: Sequence[ViewSpec],
+        blur_reference_size: int | None = 224,
+        normalize: bool = True,
+        region_sampling: RegionSampling | None = None,
+    ):
         specs = list(specs)
         if not specs:
             raise ViewError("MultiViewTransform needs at least one ViewSpec")
+        for spec in specs:
+            if not isinstance(spec, ViewSpec):
+                raise ViewError(f"specs must be ViewSpec instances, got {type(spec).__name__}")
         names = [s.name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ViewError(f"view names must be unique; repeated: {', '.join(duplicates)}")
-        for spec in specs:
-            if not isinstance(spec, ViewSpec):
-                raise ViewError(f"specs must be ViewSpec instances, got {type(spec).__name__}")
+        self._geometry_root = _geometry_roots(specs)
+        if region_sampling is not None:
+            if not isinstance(region_sampling, RegionSampling):
+                raise ViewError(
+                    f"region_sampling must be a RegionSampling or None, got {type(region_sampling).__name__}"
+                )
+            for name in region_sampling.views:
+                if name not in names:
+                    raise ViewError(f"region sampling: views names {name!r}, which is not a view ({', '.join(names)})")
         self.specs = specs
+        self.region_sampling = region_sampling
         self.normalize = bool(normalize)
         self.blur_reference_size = blur_reference_size
+        self._spec = {s.name: s for s in specs}
         self._photometric = {
             s.name: [PhotometricTransform(r, s.size, blur_reference_size) for r in s.recipes()] for s in specs
         }
@@ -216,6 +322,8 @@ class MultiViewTransform:
         self._interp = {s.name: interpolation_mode(s.interpolation) for s in specs}
         self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
         self._inv_std = (np.float32(1.0) / np.asarray(IMAGENET_STD, dtype=np.float32)).reshape(3, 1, 1)
+        # the colour of 0 in a normalised view, for the box cutout of a uint8 view (see regions.box_cutout)
+        self._cutout_fill = 0.0 if self.normalize else tuple(round(255 * m) for m in IMAGENET_MEAN)
 
     @property
     def recipe_names(self) -> dict[str, list[str]]:
@@ -223,18 +331,25 @@ class MultiViewTransform:
         return {s.name: s.recipes() for s in self.specs}
 
     def __repr__(self) -> str:
-        views = ", ".join(f"{s.name}: {s.n_crops}x{s.size}" for s in self.specs)
-        return f"MultiViewTransform({views}; normalize={self.normalize})"
+        views = ", ".join(
+            f"{s.name}: {s.n_crops}x{s.size}" + (f" (crops of {s.geometry_from})" if s.geometry_from else "")
+            for s in self.specs
+        )
+        sampling = f"; {self.region_sampling}" if self.region_sampling is not None else ""
+        return f"MultiViewTransform({views}; normalize={self.normalize}{sampling})"
 
     # ---------------------------------------------------------------- sampling
     def sample_params(self, height: int, width: int) -> dict[str, list[CropParams]]:
         """Draw the crop rectangle and flip of every crop for a ``height x width`` source image.
 
-        Uses torch's global RNG (seeded per DataLoader worker), exactly as torchvision's transforms do.
+        Uses torch's global RNG (seeded per sample by the dataset), exactly as torchvision's transforms do.  Views
+        with ``geometry_from`` draw nothing: they get the crops of the view they name.
         """
         probe = torch.empty((0, height, width))  # query_size() only reads the shape
         params: dict[str, list[CropParams]] = {}
         for spec in self.specs:
+            if spec.geometry_from is not None:
+                continue
             crops = []
             for _ in range(spec.n_crops):
                 if spec.whole_image:
@@ -245,17 +360,18 @@ class MultiViewTransform:
                 flip = spec.flip_p > 0 and bool(torch.rand(1).item() < spec.flip_p)
                 crops.append(CropParams(top, left, h, w, flip))
             params[spec.name] = crops
-        return params
+        return {s.name: list(params[self._geometry_root[s.name]]) for s in self.specs}
 
     # ---------------------------------------------------------------- apply
     def __call__(self, sample: dict, params: dict[str, list[CropParams]] | None = None) -> dict:
-        """Transform one source sample; ``params`` (from :meth:`sample_params`) fixes the geometry if given."""
+        """Transform one source sample; ``params`` (from :meth:`sample_params`) fixes the geometry if given (then
+        region sampling selects among the proposals of those crops without re-drawing them)."""
         src = _validate_sample(sample)
         height, width = src.image.shape[-2:]
-        if params is None:
-            params = self.sample_params(height, width)
-        else:
-            self._check_params(params, src.index)
+        drawn = params is None
+        params = self.sample_params(height, width) if drawn else self._resolve_params(params, src.index)
+        if self.region_sampling is not None and src.proposals is not None:
+            params, src = self._sample_regions(src, params, redraw=drawn)
         out: dict[str, Any] = {
             "views": {},
             "geometry": {},
@@ -263,45 +379,130 @@ class MultiViewTransform:
             "index": src.index,
             "source_size": (int(height), int(width)),
         }
-        if src.boxes is not None:
-            out.update(boxes={}, box_valid={}, box_ids=torch.arange(src.boxes.shape[0], dtype=torch.int64))
-            if src.box_labels is not None:
-                out["box_labels"] = src.box_labels
-            if src.masks is not None:
-                out["masks"] = {}
+        if src.seed is not None:
+            out["seed"] = src.seed
+        for kind, (ids_key, valid_key) in _REGION_KEYS.items():
+            if getattr(src, kind) is not None:
+                out.update({kind: {}, ids_key: {}, valid_key: {}})
+        if src.box_labels is not None:
+            out["box_labels"] = src.box_labels
+        if src.masks is not None:
+            out["masks"] = {}
         for spec in self.specs:
             self._render_view(spec, src, params[spec.name], out)
         return out
 
-    def _check_params(self, params: dict[str, list[CropParams]], index: int) -> None:
+    def _resolve_params(self, params: dict[str, list[CropParams]], index: int) -> dict[str, list[CropParams]]:
+        """Check explicit params; views with ``geometry_from`` get (or must already have) their source's."""
+        if not isinstance(params, dict):
+            raise ViewError(f"sample index {index}: params must be a dict view name -> list of CropParams")
         for spec in self.specs:
-            crops = params.get(spec.name)
+            root = self._geometry_root[spec.name]
+            crops = params.get(root)
             if crops is None or len(crops) != spec.n_crops:
                 got = "none" if crops is None else len(crops)
                 raise ViewError(
-                    f"sample index {index}: params for view {spec.name!r} must list {spec.n_crops} CropParams, "
-                    f"got {got}"
+                    f"sample index {index}: params for view {root!r} must list {spec.n_crops} CropParams, got {got}"
                 )
+            if root != spec.name and spec.name in params and list(params[spec.name]) != list(crops):
+                raise ViewError(
+                    f"sample index {index}: params for view {spec.name!r} differ from those of {root!r}, "
+                    "whose crops it reuses (geometry_from); give only those of the source view"
+                )
+        return {s.name: list(params[self._geometry_root[s.name]]) for s in self.specs}
+
+    def _sample_regions(
+        self, src: _Source, params: dict[str, list[CropParams]], redraw: bool
+    ) -> tuple[dict[str, list[CropParams]], _Source]:
+        """SoCo's proposal sampling (METHODS.md §5.1; the rules are in :class:`RegionSampling`'s docstring)."""
+        rs = self.region_sampling
+        assert rs is not None and src.proposals is not None and src.proposal_ids is not None
+        height, width = src.image.shape[-2:]
+        whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
+        proposals, ids = src.proposals.as_subclass(torch.Tensor), src.proposal_ids
+        if proposals.shape[0] == 0:  # no proposal at all: the whole image is the single proposal (SoCo)
+            proposals, ids = whole, torch.zeros(1, dtype=torch.int64)
+        least = rs.first_least_common
+        visible = self._visible(proposals, params, (height, width))
+        for _ in range(rs.max_tries - 1):
+            if not redraw or int(visible.sum()) >= least:
+                break
+            least = max(least // 2, 1)
+            params = self.sample_params(height, width)
+            visible = self._visible(proposals, params, (height, width))
+        if not visible.any():  # none visible in both views after every draw: add the whole image (decision)
+            proposals = torch.cat([proposals, whole])
+            ids = torch.cat([ids, torch.tensor([src.proposal_ids.numel()])])
+            visible = torch.cat([visible, torch.ones(1, dtype=torch.bool)])
+        chosen = select_regions(visible, rs.k, pad=rs.pad)
+        src = dataclasses.replace(
+            src, proposals=_bounding_boxes(proposals[chosen], (height, width)), proposal_ids=ids[chosen]
+        )
+        return params, src
+
+    def _visible(
+        self, proposals: torch.Tensor, params: dict[str, list[CropParams]], canvas: tuple[int, int]
+    ) -> torch.Tensor:
+        """Bool ``[N]``: visible in every crop of both sampling views (same kernels as the rendered boxes)."""
+        rs = self.region_sampling
+        assert rs is not None
+        boxes = _bounding_boxes(proposals, canvas)
+        visible = torch.ones(proposals.shape[0], dtype=torch.bool)
+        for name in rs.views:
+            for crop in params[name]:
+                visible &= box_area(transform_boxes(boxes, crop, self._spec[name].size)) >= rs.min_visible
+        return visible
 
     def _render_view(self, spec: ViewSpec, src: _Source, crops: list[CropParams], out: dict) -> None:
-        images, boxes, valid, masks = [], [], [], []
+        kinds = [kind for kind in _REGION_KEYS if getattr(src, kind) is not None]
+        target = "proposals" if src.proposals is not None else ("boxes" if src.boxes is not None else None)
+        images, masks = [], []
+        regions: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+        valid: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
         for crop, photometric in zip(crops, self._photometric[spec.name]):
             image, crop_boxes, crop_masks = render_crop(
                 src.image, crop, spec.size, self._interp[spec.name], src.boxes, src.masks
             )
-            images.append(self._finish_image(image, photometric))
-            if crop_boxes is not None:
-                boxes.append(crop_boxes)
-                valid.append(box_area(crop_boxes) >= MIN_VALID_BOX_AREA)
+            image = self._finish_image(image, photometric)
+            found = {"boxes": crop_boxes}
+            if src.proposals is not None:
+                found["proposals"] = transform_boxes(src.proposals, crop, spec.size)
+            found_valid = {kind: box_area(found[kind]) >= MIN_VALID_BOX_AREA for kind in kinds}
+            if target is not None:
+                image, found[target], found_valid[target] = self._box_augment(
+                    spec, image, found[target], found_valid[target]
+                )
+            images.append(image)
+            for kind in kinds:
+                regions[kind].append(found[kind])  # type: ignore[arg-type]
+                valid[kind].append(found_valid[kind])
             if crop_masks is not None:
                 masks.append(crop_masks)
         out["views"][spec.name] = images
         out["geometry"][spec.name] = torch.tensor([c.geometry_list() for c in crops], dtype=torch.float32)
-        if src.boxes is not None:
-            out["boxes"][spec.name] = torch.stack(boxes)
-            out["box_valid"][spec.name] = torch.stack(valid)
+        for kind in kinds:
+            ids_key, valid_key = _REGION_KEYS[kind]
+            out[kind][spec.name] = torch.stack(regions[kind])
+            out[valid_key][spec.name] = torch.stack(valid[kind])
+            out[ids_key][spec.name] = getattr(src, ids_key).repeat(spec.n_crops, 1)
         if src.masks is not None:
             out["masks"][spec.name] = torch.stack(masks)
+
+    def _box_augment(
+        self, spec: ViewSpec, image: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The view's box cutout (on the un-jittered boxes), then its box jitter (see :class:`ViewSpec`)."""
+        if spec.box_cutout_p > 0:
+            image = box_cutout(
+                image, boxes, valid, p=spec.box_cutout_p, area=spec.box_cutout_area, fill=self._cutout_fill
+            )
+        if spec.box_jitter_p > 0:
+            boxes = box_jitter(
+                boxes, spec.size, valid, p=spec.box_jitter_p, max_ratio=spec.box_jitter_range,
+                grow=spec.box_jitter_grow,
+            )
+            valid = valid & (box_area(boxes) >= MIN_VALID_BOX_AREA)
+        return image, boxes, valid
 
     def _finish_image(self, image: torch.Tensor, photometric: PhotometricTransform) -> torch.Tensor:
         """Photometric recipe, then ImageNet normalisation (float32) or re-quantisation (uint8)."""
@@ -325,26 +526,31 @@ def render_crop(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Crop + resize to ``size x size`` + optional horizontal flip of an image and its boxes and masks.
 
-    Boxes go through torchvision's BoundingBoxes kernels (shifted, clamped to the crop, scaled, flipped);
-    they come back as a plain float32 ``[P, 4]`` tensor in view pixels.  Decision: masks are resampled with
-    ``nearest-exact`` (pixel-centre sampling, consistent with the continuous-coordinate geometry) rather than
-    torchvision's mask default ``nearest`` (which samples at pixel corners and shifts masks by up to half an
-    output pixel towards the top-left).
+    Boxes go through :func:`transform_boxes`; they come back as a plain float32 ``[P, 4]`` tensor in view
+    pixels.  Decision: masks are resampled with ``nearest-exact`` (pixel-centre sampling, consistent with the
+    continuous-coordinate geometry) rather than torchvision's mask default ``nearest`` (which samples at pixel
+    corners and shifts masks by up to half an output pixel towards the top-left).
     """
     args = (crop.top, crop.left, crop.height, crop.width, [size, size])
     out_image = F.resized_crop(image, *args, interpolation=interpolation, antialias=True)
-    out_boxes = out_masks = None
-    if boxes is not None:
-        out_boxes = F.resized_crop(boxes, *args)
+    out_boxes = transform_boxes(boxes, crop, size) if boxes is not None else None
+    out_masks = None
     if masks is not None:
         out_masks = F.resized_crop(masks, *args, interpolation=v2.InterpolationMode.NEAREST_EXACT)
     if crop.flip:
         out_image = F.horizontal_flip(out_image)
-        out_boxes = F.horizontal_flip(out_boxes) if out_boxes is not None else None
         out_masks = F.horizontal_flip(out_masks) if out_masks is not None else None
-    if out_boxes is not None:
-        out_boxes = out_boxes.as_subclass(torch.Tensor).to(torch.float32)
     return out_image, out_boxes, out_masks
+
+
+def transform_boxes(boxes: tv_tensors.BoundingBoxes, crop: CropParams, size: int) -> torch.Tensor:
+    """Boxes (source pixels, ``tv_tensors.BoundingBoxes``) into a crop's view: torchvision's BoundingBoxes
+    kernels (shifted, clamped to the crop, scaled to ``size x size``, flipped); plain float32 ``[P, 4]``.  The
+    rendered boxes and proposals and the visibility test of region sampling all go through here."""
+    out = F.resized_crop(boxes, crop.top, crop.left, crop.height, crop.width, [size, size])
+    if crop.flip:
+        out = F.horizontal_flip(out)
+    return out.as_subclass(torch.Tensor).to(torch.float32)
 
 
 def _validate_sample(sample: dict) -> _Source:
@@ -359,10 +565,16 @@ def _validate_sample(sample: dict) -> _Source:
     if "image" not in sample:
         raise SampleError(f"{where}: no 'image' key (keys: {sorted(sample)})")
     image = _image_tensor(sample["image"], where)
-    height, width = image.shape[-2:]
+    canvas = tuple(image.shape[-2:])
     src = _Source(image=image, label=label, index=index)
+    if sample.get("seed") is not None:
+        src.seed = _as_int(sample["seed"], "seed", index)
     if sample.get("boxes") is not None:
-        src.boxes = _boxes(sample["boxes"], (height, width), where)
+        src.boxes = _boxes(sample["boxes"], canvas, where, "boxes", "box")
+        src.box_ids = torch.arange(src.boxes.shape[0], dtype=torch.int64)
+    if sample.get("proposals") is not None:
+        src.proposals = _boxes(sample["proposals"], canvas, where, "proposals", "proposal")
+        src.proposal_ids = torch.arange(src.proposals.shape[0], dtype=torch.int64)
     n = 0 if src.boxes is None else src.boxes.shape[0]
     if sample.get("box_labels") is not None:
         if src.boxes is None:
@@ -373,7 +585,7 @@ def _validate_sample(sample: dict) -> _Source:
     if sample.get("masks") is not None:
         if src.boxes is None:
             raise SampleError(f"{where}: 'masks' given without 'boxes' (masks are per object, one per box)")
-        src.masks = _masks(sample["masks"], n, (height, width), where)
+        src.masks = _masks(sample["masks"], n, canvas, where)
     return src
 
 
@@ -399,19 +611,27 @@ def _image_tensor(image: Any, where: str) -> torch.Tensor:
     raise SampleError(f"{where}: 'image' must be a PIL image or a uint8 tensor, got {type(image).__name__}")
 
 
-def _boxes(boxes: Any, canvas: tuple[int, int], where: str) -> tv_tensors.BoundingBoxes:
-    t = torch.as_tensor(boxes, dtype=torch.float32)
+def _bounding_boxes(boxes: torch.Tensor, canvas: tuple[int, int]) -> tv_tensors.BoundingBoxes:
+    return tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=canvas)
+
+
+def _boxes(boxes: Any, canvas: tuple[int, int], where: str, key: str, item: str) -> tv_tensors.BoundingBoxes:
+    """``key`` ("boxes"/"proposals") of a sample as BoundingBoxes, or a SampleError naming the entry at fault."""
+    try:
+        t = torch.as_tensor(boxes, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise SampleError(f"{where}: {key!r} must be a [N, 4] array of numbers, got {type(boxes).__name__}") from None
     if t.ndim == 1 and t.numel() == 0:
         t = t.reshape(0, 4)
     if t.ndim != 2 or t.shape[1] != 4:
-        raise SampleError(f"{where}: 'boxes' must be [N, 4] (x1, y1, x2, y2), got shape {tuple(t.shape)}")
+        raise SampleError(f"{where}: {key!r} must be [N, 4] (x1, y1, x2, y2), got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
-        raise SampleError(f"{where}: 'boxes' contains non-finite values")
+        raise SampleError(f"{where}: {key!r} contains non-finite values")
     bad = (t[:, 2] < t[:, 0]) | (t[:, 3] < t[:, 1])
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise SampleError(f"{where}: box {i} {t[i].tolist()} has x2 < x1 or y2 < y1 (expected xyxy pixels)")
-    return tv_tensors.BoundingBoxes(t, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=canvas)
+        raise SampleError(f"{where}: {item} {i} {t[i].tolist()} has x2 < x1 or y2 < y1 (expected xyxy pixels)")
+    return _bounding_boxes(t, canvas)
 
 
 def _masks(masks: Any, n: int, canvas: tuple[int, int], where: str) -> torch.Tensor:
@@ -432,13 +652,24 @@ def collate_views(samples: list[dict]) -> dict:
     """Stack transformed samples into the Batch contract (use as a DataLoader ``collate_fn``).
 
     ``views[name]``: ``[n_crops*B, C, H, W]`` crop-major (index = crop*B + image); ``geometry[name]``:
-    ``[n_crops*B, 5]``; ``label``/``index``: int64 ``[B]``; ``source_size``: int64 ``[B, 2]`` (H, W).  With boxes,
-    padded to the batch's largest P: ``boxes[name]`` ``[n_crops*B, P, 4]`` (0 for padding), ``box_ids``
-    ``[B, P]`` (-1 for padding), ``box_valid[name]`` ``[n_crops*B, P]`` (False for padding), ``box_labels``
-    ``[B, P]`` (-1 for padding) and ``masks[name]`` ``[n_crops*B, P, H, W]`` (0 for padding).
+    ``[n_crops*B, 5]``; ``label``/``index``: int64 ``[B]``; ``source_size``: int64 ``[B, 2]`` (H, W).
 
-    Decision: a sample without boxes in a batch where others have them counts as having none (all padding);
-    masks, which carry pixel data, must be present in every sample or none.
+    Regions, padded to the batch's largest P (per region set), all crop-major like the images:
+
+    * ground truth: ``boxes[name]`` float ``[n_crops*B, P, 4]`` (0 for padding), ``box_ids[name]`` int64
+      ``[n_crops*B, P]`` (-1 for padding), ``box_valid[name]`` bool ``[n_crops*B, P]`` (False for padding),
+      ``masks[name]`` uint8 ``[n_crops*B, P, H, W]`` (0 for padding), and ``box_labels`` int64 ``[B, P]``
+      (-1 for padding) — per *image*, not per view: ``box_labels[b, i]`` is the label of the box with id ``i``;
+      ground-truth ids are the source box indices and boxes are never re-ordered, so it is also the label at
+      position ``i`` in every view;
+    * proposals (unsupervised, no labels or masks): ``proposals[name]``, ``proposal_ids[name]`` and
+      ``proposal_valid[name]``, same shapes and padding.
+
+    The same id in two views (or crops) is the same object/proposal; a sampled proposal repeated as padding
+    (:class:`~semssl.data.regions.RegionSampling`) has its id repeated.
+
+    Decision: a sample without boxes (proposals) in a batch where others have them counts as having none (all
+    padding); masks, which carry pixel data, must be present in every sample with boxes or in none.
     """
     if not isinstance(samples, (list, tuple)) or not samples:
         raise SampleError("collate_views needs a non-empty list of transformed samples")
@@ -458,8 +689,9 @@ def collate_views(samples: list[dict]) -> dict:
         "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64),
         "source_size": torch.tensor([list(s["source_size"]) for s in samples], dtype=torch.int64),
     }
-    if any("boxes" in s for s in samples):
-        _collate_boxes(samples, layout, batch)
+    for kind in _REGION_KEYS:
+        if any(kind in s for s in samples):
+            _collate_regions(samples, layout, batch, kind)
     return batch
 
 
@@ -473,41 +705,48 @@ def _crop_major(per_sample: list[list[torch.Tensor]], name: str) -> torch.Tensor
         raise SampleError(f"collate_views: crops of view {name!r} differ in shape or dtype ({err})") from None
 
 
-def _collate_boxes(samples: list[dict], layout: dict[str, int], batch: dict) -> None:
+def _collate_regions(samples: list[dict], layout: dict[str, int], batch: dict, kind: str) -> None:
+    """Pad and stack one region set (``"boxes"`` with its labels and masks, or ``"proposals"``) crop-major."""
+    ids_key, valid_key = _REGION_KEYS[kind]
     n_images = len(samples)
-    counts = [int(s["box_ids"].shape[0]) if "boxes" in s else 0 for s in samples]
-    p_max = max(counts)
-    with_masks = ["masks" in s for s in samples if "boxes" in s]
-    has_masks = any(with_masks)
-    if has_masks and not all(with_masks):
+    for i, s in enumerate(samples):
+        if kind in s and not isinstance(s.get(ids_key), dict):
+            raise SampleError(
+                f"collate_views: item {i} {ids_key!r} must be a dict view -> int64 [n_crops, P] "
+                f"(a MultiViewTransform output), got {type(s.get(ids_key)).__name__}"
+            )
+    p_max = max((int(t.shape[1]) for s in samples if kind in s for t in s[kind].values()), default=0)
+    with_masks = kind == "boxes" and any("masks" in s for s in samples)
+    if with_masks and not all("masks" in s for s in samples if kind in s):
         raise SampleError("collate_views: some samples have 'masks' and others not; masks must be all or none")
-    has_labels = any("box_labels" in s for s in samples)
-    box_ids = torch.full((n_images, p_max), -1, dtype=torch.int64)
-    box_labels = torch.full((n_images, p_max), -1, dtype=torch.int64)
-    boxes, valid, masks = {}, {}, {}
+    regions, ids, valid, masks = {}, {}, {}, {}
     for name, n_crops in layout.items():
-        boxes[name] = torch.zeros((n_crops, n_images, p_max, 4), dtype=torch.float32)
+        regions[name] = torch.zeros((n_crops, n_images, p_max, 4), dtype=torch.float32)
+        ids[name] = torch.full((n_crops, n_images, p_max), -1, dtype=torch.int64)
         valid[name] = torch.zeros((n_crops, n_images, p_max), dtype=torch.bool)
-        if has_masks:
-            size = _mask_size(samples, name)
-            masks[name] = torch.zeros((n_crops, n_images, p_max, *size), dtype=torch.uint8)
-    for b, (s, p) in enumerate(zip(samples, counts)):
-        if "boxes" not in s:
+        if with_masks:
+            masks[name] = torch.zeros((n_crops, n_images, p_max, *_mask_size(samples, name)), dtype=torch.uint8)
+    labels = None
+    if kind == "boxes" and any("box_labels" in s for s in samples):
+        labels = torch.full((n_images, p_max), -1, dtype=torch.int64)
+    for b, s in enumerate(samples):
+        if kind not in s:
             continue
-        box_ids[b, :p] = s["box_ids"]
-        if "box_labels" in s:
-            box_labels[b, :p] = s["box_labels"]
         for name in layout:
-            boxes[name][:, b, :p] = s["boxes"][name]
-            valid[name][:, b, :p] = s["box_valid"][name]
-            if has_masks:
+            p = s[kind][name].shape[1]
+            regions[name][:, b, :p] = s[kind][name]
+            ids[name][:, b, :p] = s[ids_key][name]
+            valid[name][:, b, :p] = s[valid_key][name]
+            if with_masks:
                 masks[name][:, b, :p] = s["masks"][name]
-    batch["boxes"] = {n: t.flatten(0, 1) for n, t in boxes.items()}
-    batch["box_valid"] = {n: t.flatten(0, 1) for n, t in valid.items()}
-    batch["box_ids"] = box_ids
-    if has_labels:
-        batch["box_labels"] = box_labels
-    if has_masks:
+        if labels is not None and "box_labels" in s:
+            labels[b, : s["box_labels"].shape[0]] = s["box_labels"]
+    batch[kind] = {n: t.flatten(0, 1) for n, t in regions.items()}
+    batch[ids_key] = {n: t.flatten(0, 1) for n, t in ids.items()}
+    batch[valid_key] = {n: t.flatten(0, 1) for n, t in valid.items()}
+    if labels is not None:
+        batch["box_labels"] = labels
+    if with_masks:
         batch["masks"] = {n: t.flatten(0, 1) for n, t in masks.items()}
 
 
@@ -518,17 +757,67 @@ def _mask_size(samples: list[dict], name: str) -> tuple[int, int]:
     raise SampleError(f"collate_views: no masks for view {name!r}")
 
 
+def batch_seed(samples: Sequence[dict], seed: int = 0) -> int:
+    """The seed of one batch's batch transforms: a hash (NumPy ``SeedSequence``) of ``seed`` and, for each sample
+    in batch order, its ``"seed"`` (the per-sample seed the dataset put in the source sample, carried through by
+    :class:`MultiViewTransform`) or, for a sample without one, its ``"index"``.
+
+    So the same samples in the same order give the same randomness, whichever worker collates them and whether
+    or not the run was resumed.  Decision: without per-sample seeds the batch transforms depend on the indices
+    only (identical in every epoch for the same batch); datasets should pass ``"seed"`` (e.g. the per-epoch
+    sample seed that also seeds the sample's augmentations).
+    """
+    mask = 2**64 - 1
+    entropy = [int(seed) & mask]
+    for i, s in enumerate(samples):
+        if s.get("seed") is not None:
+            entropy += [1, int(s["seed"]) & mask]
+        elif "index" in s:
+            entropy += [0, int(s["index"]) & mask]
+        else:
+            raise SampleError(f"batch_seed: item {i} has neither 'seed' nor 'index'")
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+class Collate:
+    """DataLoader ``collate_fn``: :func:`collate_views`, then each batch transform (augmentations that mix the
+    images of a batch; :mod:`semssl.data.regions`, e.g. ``"shuffle_backgrounds"``) in order, all drawing from one
+    ``torch.Generator`` seeded with :func:`batch_seed` (``samples``, ``seed``).  Items of ``batch_transforms`` are
+    :class:`~semssl.data.regions.BatchTransform` objects or registered names (built with default arguments).
+    Picklable when its transforms are, so workers can run it.
+    """
+
+    def __init__(self, batch_transforms: Sequence[BatchTransform | str] = (), seed: int = 0):
+        if isinstance(batch_transforms, str):
+            batch_transforms = (batch_transforms,)
+        built = []
+        for t in batch_transforms:
+            if isinstance(t, str):
+                t = build_batch_transform(t)
+            elif not callable(t):
+                raise ViewError(f"Collate: a batch transform must be callable or a registered name, got {t!r}")
+            built.append(t)
+        if not _is_int(seed):
+            raise ViewError(f"Collate: seed must be an int, got {seed!r}")
+        self.batch_transforms = tuple(built)
+        self.seed = int(seed)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate_views(samples)
+        if not self.batch_transforms:
+            return batch
+        generator = torch.Generator().manual_seed(batch_seed(samples, self.seed))
+        for transform in self.batch_transforms:
+            batch = transform(batch, generator)
+            if not isinstance(batch, dict):
+                raise SampleError(f"batch transform {transform!r} returned {type(batch).__name__}, not a batch dict")
+        return batch
+
+    def __repr__(self) -> str:
+        return f"Collate(batch_transforms={list(self.batch_transforms)!r}, seed={self.seed})"
+
+
 # ----------------------------------------------------------------- geometry
-def _view_hw(view_size: int | Sequence[int]) -> tuple[float, float]:
-    if _is_int(view_size):
-        return float(view_size), float(view_size)
-    try:
-        h, w = (float(v) for v in view_size)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ViewError(f"view_size must be an int or (H, W), got {view_size!r}") from None
-    return h, w
-
-
 def _check_boxes_geometry(boxes: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     boxes = torch.as_tensor(boxes, dtype=torch.float32) if not isinstance(boxes, torch.Tensor) else boxes
     geometry = torch.as_tensor(geometry, dtype=torch.float32) if not isinstance(geometry, torch.Tensor) else geometry
@@ -555,7 +844,7 @@ def view_to_source(
     broadcasts against the boxes (e.g. batch boxes ``[n_crops*B, P, 4]`` with batch geometry
     ``[n_crops*B, 5]``, or one box ``[1, 4]`` against many crops ``[K, 5]`` -> ``[K, 1, 4]``)."""
     boxes, g = _check_boxes_geometry(boxes, geometry)
-    vh, vw = _view_hw(view_size)
+    vh, vw = view_hw(view_size)
     x1, y1, x2, y2 = boxes.unbind(-1)
     flip = g[..., 4] > 0.5
     x1, x2 = torch.where(flip, vw - x2, x1), torch.where(flip, vw - x1, x2)
@@ -572,7 +861,7 @@ def source_to_view(
     """Map boxes ``[..., N, 4]`` from source-image pixels into a view's pixels (inverse of
     :func:`view_to_source`); ``clip=True`` clips them to the view as the transform does."""
     boxes, g = _check_boxes_geometry(boxes, geometry)
-    vh, vw = _view_hw(view_size)
+    vh, vw = view_hw(view_size)
     sx = vw / (g[..., 2] - g[..., 0])
     sy = vh / (g[..., 3] - g[..., 1])
     x1 = (boxes[..., 0] - g[..., 0]) * sx
@@ -599,22 +888,3 @@ def map_boxes(
     ``[0, 0, 96, 96]`` mapped into global crop 0).  ``src_size`` is keyword-only and required, so a call
     cannot silently assume both views have the same resolution."""
     return source_to_view(view_to_source(boxes, src_geometry, src_size), dst_geometry, dst_size, clip=clip)
-
-
-def clip_boxes(boxes: torch.Tensor, view_size: int | Sequence[int]) -> torch.Tensor:
-    """Clip xyxy boxes ``[..., 4]`` to ``[0, W] x [0, H]``."""
-    vh, vw = _view_hw(view_size)
-    return torch.stack(
-        [
-            boxes[..., 0].clamp(0.0, vw),
-            boxes[..., 1].clamp(0.0, vh),
-            boxes[..., 2].clamp(0.0, vw),
-            boxes[..., 3].clamp(0.0, vh),
-        ],
-        dim=-1,
-    )
-
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """Area of xyxy boxes ``[..., 4]`` (0 for degenerate ones)."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)

@@ -13,13 +13,15 @@ from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
 
 from semssl.config import Config, ConfigError, from_dict
-from semssl.models.backbones import ResNetBackbone, load_torchvision_weights
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not hold what is asked of it (names the file)."""
+from semssl.errors import CheckpointError
+from semssl.models.backbones import (
+    BackboneModel,
+    ResNetBackbone,
+    load_torchvision_weights,
+)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -83,12 +85,14 @@ def config_from_checkpoint(ckpt: dict, path: Path) -> Config:
         raise CheckpointError(f"{path}: stored config is invalid ({err})") from err
 
 
-def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional[str] = None,
-                  with_config: bool = False) -> tuple:
-    """The backbone of a semssl checkpoint (``branch``: "online" / "teacher", default = the method's) or of a
-    plain torchvision ResNet ``state_dict`` (``arch`` then names it; inferred from the keys if omitted).
-    Returns the backbone in eval mode and a small info dict (and, with ``with_config``, the run's
-    :class:`~semssl.config.Config`, or None for a plain state_dict)."""
+def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module, dict, Optional[Config]]:
+    """A model to evaluate, in eval mode, with an info dict and the run's config (None for a plain state_dict).
+
+    A semssl checkpoint gives its whole :class:`~semssl.methods.Method` (so evaluation reads it through
+    ``Method.features``, on the method's default branch unless told otherwise, exactly as the online monitor and
+    the final evaluation did); a plain torchvision ResNet ``state_dict`` gives a
+    :class:`~semssl.models.backbones.BackboneModel` (``arch`` names the depth; inferred from the keys if omitted).
+    """
     from semssl.methods import build_method
 
     file = find_checkpoint(path)
@@ -97,12 +101,13 @@ def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional
         cfg = config_from_checkpoint(ckpt, file)
         method = build_method(cfg)
         state = {k.removeprefix("method."): v for k, v in ckpt["state_dict"].items()}
-        method.load_state_dict(state)
-        chosen = branch or method.default_branch
-        backbone = method.backbone_for(chosen)
-        info = {"source": str(file), "method": cfg.method.name, "branch": chosen, "arch": cfg.model.arch,
-                "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
-        return (backbone.eval(), info, cfg) if with_config else (backbone.eval(), info)
+        try:
+            method.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{file}: weights do not match its own config ({err})") from err
+        info = {"source": str(file), "method": cfg.method.name, "default_branch": method.default_branch,
+                "arch": cfg.model.arch, "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+        return method.eval(), info, cfg
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{file}: neither a semssl checkpoint nor a state_dict of tensors")
@@ -114,8 +119,8 @@ def load_backbone(path: str | Path, branch: Optional[str] = None, arch: Optional
         load_torchvision_weights(backbone, state)
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from err
-    info = {"source": str(file), "method": "torchvision", "branch": None, "arch": arch}
-    return (backbone.eval(), info, None) if with_config else (backbone.eval(), info)
+    info = {"source": str(file), "method": "torchvision", "default_branch": "online", "arch": arch}
+    return BackboneModel(backbone).eval(), info, None
 
 
 def _infer_arch(state: dict, file: Path) -> str:

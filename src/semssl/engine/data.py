@@ -17,10 +17,11 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from semssl.data.augment import eval_transform
-from semssl.data.sources import ImageFolderSource, build_source
-from semssl.data.synthetic import SynthConfig, ensure_synthetic
-from semssl.data.views import MultiViewTransform, ViewSpec, collate_views
+from semssl.data.regions import build_batch_transform
+from semssl.data.sources import build_source
+from semssl.data.synthetic import SynthConfig
+from semssl.data.synthetic.build import ensure_synthetic
+from semssl.data.views import Collate, MultiViewTransform
 
 log = logging.getLogger("semssl.data")
 
@@ -73,31 +74,23 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        sample = self.source[index]
+        seed = sample_seed(self.seed, epoch, index)
+        sample = {**self.source[index], "seed": seed}  # batch transforms seed from their samples' seeds
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(seed)
             return self.transform(sample)
 
 
-class EvalDataset(Dataset):
-    """A labelled source with the evaluation transform (resize, centre crop, normalise)."""
-
-    def __init__(self, source: Dataset, size: int, resize_ratio: float) -> None:
-        self.source = source
-        self.transform = eval_transform(size, resize_ratio=resize_ratio)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.source[index]
-        return {"image": self.transform(sample["image"]), "label": sample["label"], "index": index}
+def build_view_transform(cfg: Any) -> MultiViewTransform:
+    """The per-sample view transform of ``cfg.data`` (views, proposal sampling)."""
+    return MultiViewTransform(cfg.data.views, blur_reference_size=cfg.data.blur_reference_size,
+                              region_sampling=cfg.data.region_sampling)
 
 
-def view_specs(cfg: Any) -> list[ViewSpec]:
-    return [ViewSpec(name=v.name, size=v.size, n_crops=v.n_crops, scale=tuple(v.scale), ratio=tuple(v.ratio),
-                     recipe=v.recipe, whole_image=v.whole_image, flip_p=v.flip_p, interpolation=v.interpolation)
-            for v in cfg.data.views]
+def build_collate(cfg: Any) -> Collate:
+    """Collation into the Batch contract, then ``cfg.data.batch_transforms`` (seeded per batch from its samples)."""
+    transforms = [build_batch_transform(**dict(item)) for item in cfg.data.batch_transforms]
+    return Collate(transforms, seed=cfg.trainer.seed)
 
 
 def synth_config(cfg: Any) -> SynthConfig:
@@ -138,8 +131,7 @@ def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
         bad = source.check()
         if bad:
             log.warning("%d unreadable file(s) in %s will be skipped", len(bad), path)
-    transform = MultiViewTransform(view_specs(cfg), blur_reference_size=cfg.data.blur_reference_size)
-    return ViewDataset(source, transform, seed=cfg.trainer.seed)
+    return ViewDataset(source, build_view_transform(cfg), seed=cfg.trainer.seed)
 
 
 def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0, epoch: int = 0) -> DataLoader:
@@ -165,22 +157,9 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, -1 - rank))
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=workers, collate_fn=collate_views, persistent_workers=workers > 0,
+                      num_workers=workers, collate_fn=build_collate(cfg), persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
                       generator=generator)
-
-
-def eval_loader(path: str, cfg: Any, world_size: int = 1, rank: int = 0, size: Optional[int] = None) -> DataLoader:
-    """Loader over a labelled image folder with the evaluation transform, in dataset order (sharded under DDP)."""
-    source = ImageFolderSource(path, labels=True, on_error=cfg.data.on_error)
-    dataset = EvalDataset(source, size or cfg.data.eval_size, cfg.data.eval_resize_ratio)
-    sampler = None
-    if world_size > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=sampler, shuffle=False,
-                      num_workers=cfg.data.num_workers)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int) -> int:

@@ -1,9 +1,9 @@
-"""The Lightning glue: one optimisation step of any :class:`semssl.methods.Method`, DINO-style explicit.
+"""The Lightning glue: one optimisation step of any :class:`semssl.methods.Method` per batch.
 
-Per iteration (manual optimisation, so every step is visible here): look up lr / weight decay from their
-schedules and set them on the optimiser groups, run ``method.training_step``, stop on a non-finite loss,
-backward, clip, ``method.on_after_backward``, optimiser step, EMA of every ``momentum_pairs()`` teacher, log.
-Lightning provides devices/DDP, precision (autocast + GradScaler), checkpoints, loggers and the progress bar.
+Manual optimisation, so every step is the explicit :func:`semssl.engine.step.optimisation_step` (schedules ->
+``method.training_step`` -> finite check -> backward -> clip -> optimiser step -> EMA), the same function the
+benchmark harness runs. Lightning provides devices/DDP, precision (autocast + GradScaler), checkpoints, loggers
+and the progress bar.
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import torch
 from torch import Tensor
 
 from semssl.config import Config, to_dict
-from semssl.engine.optim import build_optimizer, clip_gradients, scaled_lr, set_lr_wd
-from semssl.engine.schedules import Progress, Schedule, ScheduleConfig, build_schedule
+from semssl.engine.step import build_schedules, optimisation_step, with_values
 from semssl.methods import Method, build_method
-from semssl.methods.base import ema_update
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
+from semssl.optim import build_optimizer, scaled_lr
+from semssl.schedules import Progress, Schedule
 
 
 class SSLModule(pl.LightningModule):
@@ -37,8 +33,7 @@ class SSLModule(pl.LightningModule):
             self.method = self.method.to(memory_format=torch.channels_last)
         self.automatic_optimization = False
         self._global_batch = global_batch
-        self.lr_schedule: Optional[Schedule] = None
-        self.wd_schedule: Optional[Schedule] = None
+        self.schedules: dict[str, Schedule] = {}
 
     # -- schedules -------------------------------------------------------------------------------------------
     @property
@@ -51,24 +46,15 @@ class SSLModule(pl.LightningModule):
         return min(t.max_steps, by_epochs) if t.max_steps > 0 else by_epochs
 
     def build_schedules(self, steps_per_epoch: int) -> None:
-        o = self.cfg.optim
-        total = self.total_steps(steps_per_epoch)
-        peak = scaled_lr(o.lr, self.global_batch) if o.lr_scaling == "linear" else o.lr
-        final = scaled_lr(o.min_lr, self.global_batch) if o.lr_scaling == "linear" else o.min_lr
         self.steps_per_epoch = steps_per_epoch
-        self.total = total
-        self.lr_schedule = build_schedule(
-            ScheduleConfig(kind=o.schedule, base=peak, final=final, warmup=o.warmup,
-                           warmup_start=o.warmup_start * peak, milestones=tuple(o.milestones)),
-            steps_per_epoch, total)
-        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
-        self.wd_schedule = build_schedule(
-            ScheduleConfig(kind="cosine" if wd_end != o.weight_decay else "constant", base=o.weight_decay,
-                           final=wd_end), steps_per_epoch, total)
+        self.total = self.total_steps(steps_per_epoch)
+        self.schedules = build_schedules(self.cfg, self.method, steps_per_epoch, self.total, self.global_batch)
 
     def progress(self) -> Progress:
-        return Progress(epoch=self.current_epoch, step=min(self.global_step, self.total - 1),
+        """Where training is, with this step's value of every schedule in ``values``."""
+        base = Progress(epoch=self.current_epoch, step=min(self.global_step, self.total - 1),
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total)
+        return with_values(base, self.schedules)
 
     # -- Lightning hooks -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -82,37 +68,12 @@ class SSLModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt = self.optimizers()
-        progress = self.progress()
-        lr, wd = self.lr_schedule(progress), self.wd_schedule(progress)
-        set_lr_wd(opt.optimizer, lr, wd)
-        if self.cfg.model.channels_last:
-            batch["views"] = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch["views"].items()}
-
-        out = self.method.training_step(batch, progress)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        out = optimisation_step(self.method, opt, batch, self.progress(), self.cfg, backward=self.manual_backward,
+                                unscale=(lambda: scaler.unscale_(opt.optimizer)) if scaler is not None else None)
         loss = out["loss"]
-        if not torch.isfinite(loss).all():
-            terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-            raise NonFiniteLossError(
-                f"loss is {float(loss)} at epoch {progress.epoch}, step {progress.step} (terms: {terms}). "
-                f"The run stopped; the last good checkpoint is kept. Lower optim.lr, enable optim.clip_grad, "
-                f"or use trainer.precision=32-true.")
-
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.cfg.optim.clip_grad > 0:
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            if scaler is not None:
-                scaler.unscale_(opt.optimizer)
-            clip_gradients(self.method.parameters(), self.cfg.optim.clip_grad, mode=self.cfg.optim.clip_mode)
-        self.method.on_after_backward(progress)
-        opt.step()
-
-        momentum = self.method.ema_momentum(progress)
-        for student, teacher in self.method.momentum_pairs():
-            ema_update(student, teacher, momentum)
-
-        logs = {f"train/{k}": v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        logs.update({"train/lr": lr, "train/wd": wd, "train/momentum": momentum})
+        logs = {f"train/{k}": (v.detach().float() if torch.is_tensor(v) else v) for k, v in out.items()
+                if not torch.is_tensor(v) or v.numel() == 1}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False,
                  batch_size=self.cfg.data.batch_size)

@@ -26,12 +26,25 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from semssl.config import Config, ConfigError, dump_config, from_dict, load_yaml, apply_overrides
+from semssl.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    load_yaml,
+)
 from semssl.distributed import broadcast_buffers
 from semssl.engine.checkpoint import AtomicCheckpointIO
-from semssl.engine.data import build_train_dataset, resolve_paths, steps_per_epoch, train_loader
-from semssl.engine.evaluate import KNNMonitor, describe, evaluate_backbone
+from semssl.engine.data import (
+    build_train_dataset,
+    resolve_paths,
+    steps_per_epoch,
+    train_loader,
+)
 from semssl.engine.module import SSLModule
+from semssl.engine.monitor import KNNMonitor
+from semssl.eval.evaluate import describe, evaluate
 
 log = logging.getLogger("semssl")
 
@@ -217,7 +230,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             math.ceil(cfg.trainer.max_steps / spe)
 
     module = SSLModule(cfg)
-    random_backbone = copy.deepcopy(module.method.backbone_for(None))
+    # the random-init baseline: the same method, architecture and seed, evaluated through the same features()
+    random_model = copy.deepcopy(module.method) if cfg.eval.enabled and cfg.eval.random_init else None
 
     folder = RunFolder(cfg, run_dir)
     callbacks: list = [folder]
@@ -242,12 +256,10 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         device = module.device
         # under DDP each rank's BatchNorm statistics hold its own last batch: evaluate rank 0's, the checkpoint's
         broadcast_buffers(module.method)
-        trained = evaluate_backbone(module.method.backbone_for(None), cfg, paths["eval_train"],
-                                    paths["eval_test"], device=device)
-        metrics["trained"] = trained
-        if cfg.eval.random_init:
-            metrics["random_init"] = evaluate_backbone(random_backbone.to(device), cfg, paths["eval_train"],
-                                                       paths["eval_test"], device=device)
+        metrics["trained"] = evaluate(module.method, cfg, paths["eval_train"], paths["eval_test"], device=device)
+        if random_model is not None:
+            metrics["random_init"] = evaluate(random_model.to(device), cfg, paths["eval_train"], paths["eval_test"],
+                                              device=device)
     metrics["run"] = {
         "method": cfg.method.name, "arch": cfg.model.arch, "global_step": int(trainer.global_step),
         "epochs": int(trainer.current_epoch), "train_seconds": round(train_seconds, 1),

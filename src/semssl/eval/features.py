@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from semssl.errors import EvalInputError
+
 __all__ = [
     "EvalInputError",
     "batch_images_labels",
@@ -35,9 +37,6 @@ __all__ = [
     "loader_sampler",
 ]
 
-
-class EvalInputError(ValueError):
-    """Bad input to an evaluation protocol; the message names the argument, key or value at fault."""
 
 
 def check_features(features: Tensor, name: str) -> None:

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semssl.eval.features import EvalInputError, check_features, check_labels, infer_num_classes
+from semssl.eval.features import (
+    EvalInputError,
+    check_features,
+    check_labels,
+    infer_num_classes,
+)
 
 __all__ = ["knn_evaluate", "knn_predict"]
 

@@ -34,6 +34,7 @@ from semssl.models.heads import MLP
 @dataclass
 class MoCoV2Config(MethodConfig):
     name: str = "mocov2"
+    views: tuple[str, str] = ("q", "k")  # (query view, key view) of batch["views"]; e.g. [weak, strong]
     proj_hidden_dim: Optional[int] = None  # None: the backbone width (2048 on ResNet-50, as MoCo-v2)
     proj_dim: int = 128
     queue_size: int = 65536
@@ -46,21 +47,22 @@ class MoCoV2Config(MethodConfig):
 
 
 class Encoder(nn.Module):
-    """Backbone + projector; returns L2-normalised embeddings and the backbone outputs."""
+    """Backbone + projector. Returns a dict: the backbone's stage maps and ``pooled`` vector, and ``z``, the
+    L2-normalised projection — so a plug-in (SCD, DSC) reads the maps of the same forward."""
 
     def __init__(self, backbone: ResNetBackbone, projector: nn.Module) -> None:
         super().__init__()
         self.backbone, self.projector = backbone, projector
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         out = self.backbone(x)
-        return F.normalize(self.projector(out["pooled"]), dim=1), out
+        out["z"] = F.normalize(self.projector(out["pooled"]), dim=1)
+        return out
 
 
 @register("mocov2")
 class MoCoV2(Method):
     config_class = MoCoV2Config
-    required_views = ("q", "k")
 
     def __init__(self, cfg: MoCoV2Config, model_cfg: Any) -> None:
         super().__init__(cfg, model_cfg)
@@ -69,38 +71,50 @@ class MoCoV2(Method):
         self.encoder_q = Encoder(backbone, MLP(backbone.dim, hidden, cfg.proj_dim, batch_norm=cfg.proj_batch_norm))
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_dim)
+        #: key-encoder outputs :meth:`keys` returns in batch order (a plug-in adds e.g. "layer4")
+        self.key_outputs: tuple[str, ...] = ("z",)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder_q, self.encoder_k)]
 
-    def backbone_for(self, branch: Optional[str] = None) -> ResNetBackbone:
+    def backbone_for(self, branch: str) -> ResNetBackbone:
         return self.encoder_k.backbone if branch == "teacher" else self.encoder_q.backbone
 
     @torch.no_grad()
-    def keys(self, x: Tensor) -> Tensor:
-        """Key embeddings with shuffle-BN (shuffled across ranks / BN splits, then restored)."""
-        if not self.cfg.shuffle_bn:
-            return self.encoder_k(x)[0]
-        x, unshuffle = batch_shuffle(x)
-        return batch_unshuffle(self.encoder_k(x)[0], unshuffle)
+    def keys(self, x: Tensor) -> dict[str, Tensor]:
+        """The key encoder's outputs named in :attr:`key_outputs` (``z``; plug-ins add stage maps) with
+        shuffle-BN: the batch is shuffled across ranks / BN splits before the key encoder and every returned
+        output, maps included, is restored to the batch order after.
 
-    def contrast(self, x_q: Tensor, x_k: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """InfoNCE of queries from ``x_q`` against the key of ``x_k`` and the queue. Returns
-        (loss, logits, keys, query-branch backbone outputs) so plug-ins (SCD, DSC) can reuse the forward."""
-        q, out_q = self.encoder_q(x_q)
+        Decision: only the outputs a method asks for are returned, because under DDP undoing the shuffle
+        all-gathers each of them and a stage map is far larger than the 128-d embedding."""
+        if not self.cfg.shuffle_bn:
+            out = self.encoder_k(x)
+            return {name: out[name] for name in self.key_outputs}
+        x, unshuffle = batch_shuffle(x)
+        out = self.encoder_k(x)
+        return {name: batch_unshuffle(out[name], unshuffle) for name in self.key_outputs}
+
+    def contrast(self, x_q: Tensor, x_k: Tensor) -> dict[str, Any]:
+        """InfoNCE of queries from ``x_q`` against the keys of ``x_k`` and the queue (not yet enqueued).
+
+        Returns ``{"loss", "logits", "q": query-encoder outputs (stage maps, ``pooled``, ``z``), "k": key-encoder
+        outputs (:attr:`key_outputs`)}`` so plug-ins (SCD, DSC) reuse this forward instead of repeating it."""
+        q = self.encoder_q(x_q)
         k = self.keys(x_k)
-        loss, logits = info_nce(q, k, self.queue.queue.clone(), self.cfg.temperature)  # enqueued in place later
-        return loss, logits, k, out_q
+        loss, logits = info_nce(q["z"], k["z"], self.queue.queue.clone(), self.cfg.temperature)
+        return {"loss": loss, "logits": logits, "q": q, "k": k}
 
     def training_step(self, batch: dict, progress: Any) -> dict[str, Tensor]:
-        x_q, x_k = batch["views"]["q"], batch["views"]["k"]
-        loss, logits, k, _ = self.contrast(x_q, x_k)
-        keys = [k]
+        name_q, name_k = self.cfg.views
+        x_q, x_k = batch["views"][name_q], batch["views"][name_k]
+        out = self.contrast(x_q, x_k)
+        loss, keys = out["loss"], [out["k"]["z"]]
         if self.cfg.symmetric:
-            loss2, _, k2, _ = self.contrast(x_k, x_q)
-            loss = (loss + loss2) / 2
-            keys.append(k2)
+            out2 = self.contrast(x_k, x_q)
+            loss = (loss + out2["loss"]) / 2
+            keys.append(out2["k"]["z"])
         for key in keys:
             self.queue.enqueue(key)
-        acc = (logits.argmax(dim=1) == 0).float().mean() * 100
+        acc = (out["logits"].argmax(dim=1) == 0).float().mean() * 100
         return {"loss": loss, "acc1": acc.detach()}

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from semssl.errors import ConfigError
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -136,6 +138,42 @@ class ResNetBackbone(nn.Module):
     def torchvision_state_dict(self) -> dict[str, Tensor]:
         """Weights under torchvision's key names (no ``fc``): loadable with ``strict=False`` into resnetXX()."""
         return {k: v for k, v in self.state_dict().items()}
+
+
+def backbone_features(backbone: ResNetBackbone, images: Tensor, kind: str = "pooled") -> Tensor:
+    """``pooled`` ``[B, C]`` or one stage map (``layer1..layer4``) of ``backbone`` on ``images``; a stage map runs
+    the trunk only up to that stage."""
+    if kind == "pooled":
+        return backbone(images)["pooled"]
+    if kind in STAGES:
+        return backbone(images, stages=(kind,), upto=kind)[kind]
+    raise ConfigError(f"unknown feature kind '{kind}' (pooled, {', '.join(STAGES)})")
+
+
+class BackboneModel(nn.Module):
+    """A bare backbone behind the ``Method.features`` interface: a plain torchvision ``state_dict`` or a random
+    initialisation evaluated by the same code paths as a trained method. It has one branch, ``online``."""
+
+    branches = ("online",)
+    default_branch = "online"
+    feature_kinds = ("pooled", *STAGES)
+
+    def __init__(self, backbone: ResNetBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def resolve_branch(self, branch: str | None = None) -> str:
+        if branch not in (None, "online"):
+            raise ConfigError(f"branch '{branch}': a plain backbone has only the 'online' branch")
+        return "online"
+
+    def backbone_for(self, branch: str | None = None) -> ResNetBackbone:
+        self.resolve_branch(branch)
+        return self.backbone
+
+    @torch.no_grad()
+    def features(self, images: Tensor, branch: str | None = None, kind: str = "pooled") -> Tensor:
+        return backbone_features(self.backbone_for(branch), images, kind)
 
 
 def build_backbone(cfg) -> ResNetBackbone:

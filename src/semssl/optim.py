@@ -2,7 +2,7 @@
 
 The released codes set the learning rate and the weight decay by hand at every iteration from precomputed
 schedules (DINO/SCFS, METHODS.md §1.6 and §2) instead of using ``torch.optim.lr_scheduler``; so does semssl:
-the engine calls :func:`set_lr_wd` with the values of its :class:`~semssl.engine.schedules.Schedule` objects
+the engine calls :func:`set_lr_wd` with the values of its :class:`~semssl.schedules.Schedule` objects
 before each ``optimizer.step()``.
 
 Parameter groups follow one convention for every method (DINO ``get_params_groups``, SoCo ``add_weight_decay``,
@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from semssl.errors import OptimError
+
 __all__ = [
     "LARS",
     "OptimError",
@@ -41,9 +43,6 @@ ClipMode = Literal["global", "per_param"]
 _OPTIMIZERS: tuple[str, ...] = ("sgd", "lars", "adamw")
 _CLIP_MODES: tuple[str, ...] = ("global", "per_param")
 
-
-class OptimError(ValueError):
-    """An optimiser setting is invalid; the message names the option and the value at fault."""
 
 
 def _check_number(name: str, value: float, minimum: float = 0.0, below: float | None = None) -> None:

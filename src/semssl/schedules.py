@@ -14,8 +14,10 @@ Conventions (DESIGN.md "Schedules"):
 The released codes' schedules map onto the builders below as follows:
 
 * DINO / SCFS lr: ``cosine_schedule(lr, min_lr, K, warmup_steps=10 ep, warmup_start=0)`` (§1.6, §2).
-* DINO / SCFS / BYOL EMA momentum: ``cosine_schedule(0.996, 1.0, K)``, identical on steps ``0..K-1`` to
-  :func:`ema_cosine` (BYOL, SoCo §5.1) — see there.
+* DINO / SCFS / BYOL / SoCo EMA momentum: ``cosine_schedule(m0, 1.0, K)`` — DINO's ``cosine_scheduler(m0, 1,
+  ...)``; at every step ``k = 0..K-1`` it equals BYOL's and SoCo's ``1 - (1 - m0)(cos(pi k / K) + 1) / 2``
+  (§5.1), the value for ``k = K`` is never applied. It is the only EMA cosine in semssl
+  (``Method.schedules`` declares it, the engine builds it).
 * DINO / SCFS teacher temperature: per-epoch ``linear_then_constant(0.04, 0.07, 50, epochs)`` (§1.6).
 * MoCo-v2 ``--cos``: per-epoch ``cosine_schedule(lr, 0, epochs)`` — MoCo's ``0.5 (1 + cos(pi e / E))`` is exactly
   DINO's formula with ``n = E`` (§3.4).
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from semssl.errors import ScheduleError
 
 __all__ = [
     "Progress",
@@ -42,7 +46,6 @@ __all__ = [
     "build_schedule",
     "constant_schedule",
     "cosine_schedule",
-    "ema_cosine",
     "linear_then_constant",
     "resolve_length",
     "step_schedule",
@@ -56,9 +59,6 @@ _KINDS: tuple[str, ...] = ("cosine", "step", "constant", "linear")
 _UNITS: tuple[str, ...] = ("step", "epoch")
 _LENGTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ep|epoch|epochs|%|step|steps)?\s*$")
 
-
-class ScheduleError(ValueError):
-    """A schedule specification or lookup is invalid; the message names the field and the value at fault."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,6 +76,8 @@ class Progress:
     step: int
     steps_per_epoch: int
     total_steps: int
+    #: this step's value of every schedule the engine runs (``lr``, ``wd``, ``momentum``, a method's own ones)
+    values: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("epoch", "step", "steps_per_epoch", "total_steps"):
@@ -266,24 +268,6 @@ def linear_then_constant(start: float, end: float, ramp_steps: int, total_steps:
         raise ScheduleError(f"ramp_steps={ramp_steps} exceeds total_steps={total_steps}")
     tail = np.full(total_steps - ramp_steps, float(end), dtype=np.float64)
     return np.concatenate((_warmup(start, end, ramp_steps), tail))
-
-
-def ema_cosine(base_momentum: float, total_steps: int, final: float = 1.0) -> np.ndarray:
-    """EMA momentum ``m_k = final - (final - m0)(cos(pi k / K) + 1) / 2`` for ``k = 0 .. K`` (BYOL; SoCo §5.1).
-
-    Returns ``K + 1`` values so that both ends are visible: ``m_0 = m0`` and ``m_K = final``. The engine reads
-    entry ``k`` for the EMA update made at step ``k``, i.e. entries ``0 .. K-1``; ``m_K`` is never applied, as in
-    SoCo (``SoCo_C4._momentum_update_key_encoder``: counter ``k`` starts at 0, one update per step) and BYOL.
-
-    Relation to DINO: ``cosine_scheduler(m0, 1, epochs, niter)`` evaluates ``1 + (m0 - 1)(1 + cos(pi k / K))/2``
-    for ``k = 0 .. K-1`` — the same expression, so the two agree at every step that is used; they differ only in
-    that DINO's array stops at ``k = K-1`` (value slightly below 1) while this one also lists ``k = K``.
-    """
-    _check_finite("base_momentum", base_momentum)
-    _check_finite("final", final)
-    _check_count("total_steps", total_steps, minimum=1)
-    k = np.arange(total_steps + 1, dtype=np.float64)
-    return final - (final - base_momentum) * (np.cos(np.pi * k / total_steps) + 1.0) / 2.0
 
 
 # --------------------------------------------------------------------------------------------------------------

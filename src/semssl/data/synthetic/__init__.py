@@ -1,0 +1,114 @@
+"""The built-in synthetic dataset: object images (classification) and cluttered scenes (COCO instances).
+
+It is what ``semssl pretrain`` trains on when the user gives no data, so it must have structure that
+self-supervised learning can find and a random network does not already capture:
+
+* **Classes are defined by shape and texture together** (:data:`CLASS_NAMES`, e.g. ``circle_stripes``,
+  ``square_dots``): the same texture appears on several shapes and two classes are textureless, so neither
+  cue alone names every class.
+* **Colour is a nuisance**: the object's base and pattern colours are drawn per instance from one
+  distribution for every class, so the mean colour of an object says nothing about its class.
+* **Pose is a nuisance**: random rotation, scale and aspect ratio per instance; textures are laid out in the
+  object's own (rotated, stretched) frame, so they are scale-invariant.
+* **Backgrounds are a nuisance**: colour gradients, smooth blotches, sensor noise, random lines, blobs and
+  small polygons, all independent of the class.
+
+Two splits, both written under one root:
+
+``objects/{train,test}/<class_name>/<id>.png``
+    one main object covering 15-60 % of the image (measured on its mask) and 0-2 distractors that are clearly
+    smaller (at most 30 % of the main object's area): small objects of random classes or abstract polygons,
+    painted *behind* the main object. Classes are balanced (index ``i`` has class ``i % K``).
+``scenes/{train,test}/images/<id>.png``, ``annotations.json``, ``semantic/<id>.png``
+    2-6 objects of random classes, some placed to overlap; paint order is z order and each instance mask is
+    the object's visible pixels after occlusion. ``annotations.json`` is COCO instances (RLE segmentations,
+    tight ``bbox`` of the visible mask, ``area`` = its pixel count, categories ``1..K``); ``semantic`` holds
+    uint8 class-index masks (0 = background, k = category id).
+
+Determinism: every image draws from its own generator seeded by ``(seed, split/part, index)``, so output is
+byte-identical for the same config whatever the number of worker processes. ``manifest.json`` (the config,
+class names, file counts and :data:`GENERATOR_VERSION`) is written last; :func:`ensure_synthetic` regenerates
+only when it is missing or differs.
+
+This package module is light (no OpenCV, no pycocotools): it holds :class:`SynthConfig`,
+:func:`default_root` and the generator constants. The rest lives in submodules: ``classes``
+(:data:`CLASS_NAMES`), ``shapes`` (shape geometry, colours, textures), ``render`` (drawing one image:
+:func:`~semssl.data.synthetic.render.render_object_sample`, ``render_scene``, ...) and ``build`` (writing
+the dataset: :func:`~semssl.data.synthetic.build.generate`, ``ensure_synthetic``, ``load_manifest``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from semssl.data.synthetic.classes import CLASS_NAMES
+from semssl.errors import SynthConfigError, SyntheticDataError
+
+__all__ = [
+    "CLASS_NAMES",
+    "DEFAULT_NUM_CLASSES",
+    "GENERATOR_VERSION",
+    "MANIFEST_NAME",
+    "SPLITS",
+    "SynthConfig",
+    "SynthConfigError",
+    "SyntheticDataError",
+    "default_root",
+]
+
+GENERATOR_NAME = "semssl.synthetic"
+#: Bump whenever the drawn pixels or the file layout change, so cached datasets are regenerated.
+GENERATOR_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS: tuple[str, ...] = ("objects", "scenes")
+PARTS: tuple[str, ...] = ("train", "test")
+DEFAULT_NUM_CLASSES = 10
+
+
+@dataclass
+class SynthConfig:
+    """What to generate. ``workers`` only changes speed, never the output (it is not part of the manifest)."""
+
+    seed: int = 0
+    object_size: int = 64
+    scene_size: int = 128
+    n_train_objects: int = 5000
+    n_test_objects: int = 1000
+    n_train_scenes: int = 1000
+    n_test_scenes: int = 200
+    num_classes: int = DEFAULT_NUM_CLASSES  # <= len(CLASS_NAMES)
+    workers: int = 2
+
+    def validate(self) -> None:
+        """Raise :class:`SynthConfigError` naming the first field with an invalid value."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise SynthConfigError(f"SynthConfig.{f.name} = {value!r}: must be an integer")
+        limits = {
+            "seed": (0, None),
+            "object_size": (32, 1024),
+            "scene_size": (64, 2048),
+            "num_classes": (2, len(CLASS_NAMES)),
+            "n_train_objects": (self.num_classes, None),
+            "n_test_objects": (self.num_classes, None),
+            "n_train_scenes": (1, None),
+            "n_test_scenes": (1, None),
+            "workers": (1, None),
+        }
+        for name, (lo, hi) in limits.items():
+            value = getattr(self, name)
+            if value < lo or (hi is not None and value > hi):
+                bound = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+                why = " (at least one image per class)" if name.endswith("_objects") else ""
+                raise SynthConfigError(f"SynthConfig.{name} = {value!r}: must be {bound}{why}")
+
+
+def default_root() -> Path:
+    """``$SEMSSL_DATA_DIR`` if set, else ``~/.cache/semssl/synthetic``."""
+    env = os.environ.get("SEMSSL_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "semssl" / "synthetic"
