@@ -94,12 +94,20 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     return load_model(args.checkpoint, arch=args.arch)
 
 
+def _check_kind(model: Any, kind: str) -> str:
+    from semssl.errors import ConfigError
+
+    if kind not in model.feature_kinds:
+        raise ConfigError(f"--features {kind}: this model has {list(model.feature_kinds)}")
+    return kind
+
+
 def _features_of(model: Any, args: argparse.Namespace, cfg: Any) -> tuple:
     """(train_x, train_y, test_x, test_y) through ``model.features`` on the chosen branch."""
     from semssl.eval.evaluate import folder_features
 
-    train_x, train_y = folder_features(model, args.train, cfg, branch=args.branch)
-    test_x, test_y = folder_features(model, args.test, cfg, branch=args.branch)
+    train_x, train_y = folder_features(model, args.train, cfg, branch=args.branch, kind=args.features)
+    test_x, test_y = folder_features(model, args.test, cfg, branch=args.branch, kind=args.features)
     return train_x, train_y, test_x, test_y
 
 
@@ -125,6 +133,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     model, info, cfg = _load_for_eval(args)
     cfg = _eval_config(args, cfg)
     info["branch"] = model.resolve_branch(args.branch)
+    info["features"] = _check_kind(model, args.features)
     train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
     res = knn_evaluate(train_x, train_y, test_x, test_y, ks=tuple(args.k), temperature=args.temperature)
     rows = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
@@ -140,6 +149,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
     model, info, cfg = _load_for_eval(args)
     cfg = _eval_config(args, cfg)
     info["branch"] = model.resolve_branch(args.branch)
+    info["features"] = _check_kind(model, args.features)
     if args.protocol == "fast":
         train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
         res = linear_fast(train_x, train_y, test_x, test_y,
@@ -148,7 +158,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
     else:
         from semssl.eval.evaluate import linear_standard_on_folders
 
-        res = linear_standard_on_folders(model, args, cfg, branch=args.branch)
+        res = linear_standard_on_folders(model, args, cfg, branch=args.branch, kind=args.features)
     rows = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
     _print_result(f"linear probe, {args.protocol} protocol ({info['source']})", rows, args.out,
                   {"linear": res, "model": info, "train": args.train, "test": args.test})
@@ -206,6 +216,9 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
     p.add_argument("--branch", choices=["online", "teacher"],
                    help="which network of a semssl checkpoint (default: the method's: teacher for DINO/SCFS)")
+    p.add_argument("--features", default="pooled", metavar="KIND",
+                   help="which features of the model (Method.features kind): pooled (default) or a method's own "
+                        "vector kind, e.g. fg (SCD's foreground semantics)")
     p.add_argument("--train", required=True, help="labelled image folder used as memory / training split")
     p.add_argument("--test", required=True, help="labelled image folder evaluated")
     p.add_argument("--size", type=int, help="centre-crop size (default: the run's data.eval_size, else 224)")
@@ -253,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="standard protocol: steps at 60%%/80%% of the epochs (MoCo) or cosine (SCFS/DINO)")
     pl.add_argument("--weight-decay", type=float, default=0.0)
     pl.set_defaults(func=cmd_eval_linear)
+
+    from semssl.viz import figure_modules
+
+    pv = sub.add_parser("viz", help="draw a figure from a checkpoint (see `semssl viz --help`)")
+    vsub = pv.add_subparsers(dest="viz_command", metavar="FIGURE", required=True)
+    for name, module in figure_modules().items():
+        pfig = vsub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(pfig)
+        pfig.set_defaults(func=module.run)
 
     pd = sub.add_parser("data", help="built-in data and data checks")
     dsub = pd.add_subparsers(dest="data_command", metavar="ACTION", required=True)
