@@ -199,3 +199,31 @@ def test_a_tiny_run_learns() -> None:
     early, late = slice(2, 10), slice(32, 40)  # after the queue holds real keys (2 steps)
     assert sum(loss[late]) / 8 < 0.6 * sum(loss[early]) / 8, loss
     assert sum(acc[late]) / 8 > sum(acc[early]) / 8 + 20, acc
+
+
+def test_figures_are_drawn_during_training(tiny_synth: Path, tmp_path: Path, monkeypatch) -> None:
+    """``trainer.figures`` draws a figure module's ``during_training`` every N epochs and after the last one, with
+    the method in eval mode; an unknown figure is a ConfigError before any run folder exists."""
+    import types
+
+    import semssl.viz
+
+    calls: list[tuple] = []
+
+    def during_training(method, cfg, paths, out, size=1):
+        calls.append((out.name, method.training, size, sorted(paths)))
+        out.write_bytes(b"png")
+
+    fake = types.SimpleNamespace(HELP="test", add_arguments=lambda p: None, run=lambda a: 0,
+                                 during_training=during_training)
+    monkeypatch.setattr(semssl.viz, "figure_modules", lambda: {"fake": fake})
+    overrides = tiny_overrides(tiny_synth, tmp_path / "runs") + ["trainer.max_epochs=3", "eval.enabled=false"]
+    cfg = load_config(None, overrides + ["trainer.run_name=fig", "trainer.figures=[{name: fake, every_n_epochs: 2, size: 7}]"])
+    run_dir = pretrain(cfg)
+    assert [c[0] for c in calls] == ["fake-epoch0002.png", "fake-epoch0003.png"]
+    assert all(c[1] is False and c[2] == 7 and c[3] == ["eval_test", "eval_train", "train"] for c in calls)
+    assert (run_dir / "figures" / "fake-epoch0002.png").read_bytes() == b"png"
+    bad = load_config(None, overrides + ["trainer.run_name=bad", "trainer.figures=[{name: nope}]"])
+    with pytest.raises(ConfigError, match="'nope' is not a figure"):
+        pretrain(bad)
+    assert not (tmp_path / "runs" / "bad").exists()

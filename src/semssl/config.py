@@ -133,6 +133,9 @@ class TrainerConfig:
     checkpoint_every_n_epochs: int = 1
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = torch default
+    # figures drawn during training into <run>/figures/: [{name: saliency, every_n_epochs: 5, <option>: ...}],
+    # name = a figure of `semssl viz` that supports it (see semssl/viz/__init__.py)
+    figures: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""The online kNN monitor: a Lightning callback around :func:`semssl.eval.evaluate.evaluate`."""
+"""Callbacks that look at the method while it trains: the online kNN monitor (around
+:func:`semssl.eval.evaluate.evaluate`) and figures drawn every few epochs (``trainer.figures``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,3 +31,43 @@ class KNNMonitor(pl.Callback):
         self.history.append({"epoch": epoch, "knn_top1": res["knn_top1"]})
         pl_module.log("monitor/knn_top1", float(res["knn_top1"]), on_epoch=True, sync_dist=False,
                       prog_bar=True, rank_zero_only=True)
+
+
+class FigureCallback(pl.Callback):
+    """Draws the ``trainer.figures`` entries (``{name, every_n_epochs, ...options}``) into
+    ``<run>/figures/<name>-epoch<NNNN>.png`` every ``every_n_epochs`` epochs and after the last one, on global rank
+    0, with the method in eval mode (its mode is restored afterwards)."""
+
+    def __init__(self, cfg: Any, paths: dict, run_dir: Path) -> None:
+        from semssl.viz import training_figure
+
+        self.cfg, self.paths, self.run_dir = cfg, paths, Path(run_dir)
+        self.entries = []
+        for i, entry in enumerate(cfg.trainer.figures):
+            if not isinstance(entry, dict) or "name" not in entry:
+                from semssl.errors import ConfigError
+
+                raise ConfigError(f"trainer.figures[{i}]: expected a mapping with a 'name', got {entry!r}")
+            options = {k: v for k, v in entry.items() if k not in ("name", "every_n_epochs")}
+            self.entries.append((entry["name"], int(entry.get("every_n_epochs", 1)), options,
+                                 training_figure(entry["name"])))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.run_dir = Path(trainer.strategy.broadcast(str(self.run_dir), src=0))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        due = [(n, o, m) for n, every, o, m in self.entries if last or trainer.should_stop or epoch % every == 0]
+        if not due or not trainer.is_global_zero:
+            return
+        method = pl_module.method
+        was_training = method.training
+        method.eval()
+        try:
+            for name, options, module in due:
+                out = self.run_dir / "figures" / f"{name}-epoch{epoch:04d}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                module.during_training(method, self.cfg, self.paths, out, **options)
+        finally:
+            method.train(was_training)

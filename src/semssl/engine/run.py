@@ -43,7 +43,7 @@ from semssl.engine.data import (
     train_loader,
 )
 from semssl.engine.module import SSLModule
-from semssl.engine.monitor import KNNMonitor
+from semssl.engine.monitor import FigureCallback, KNNMonitor
 from semssl.eval.evaluate import describe, evaluate
 
 log = logging.getLogger("semssl")
@@ -239,6 +239,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     if cfg.trainer.knn_every_n_epochs > 0 and paths["eval_train"] and paths["eval_test"]:
         monitor = KNNMonitor(cfg, paths["eval_train"], paths["eval_test"], cfg.trainer.knn_every_n_epochs)
         callbacks.append(monitor)
+    if cfg.trainer.figures:
+        callbacks.append(FigureCallback(cfg, paths, run_dir))
     trainer = build_trainer(cfg, run_dir, max_epochs, callbacks)
     ckpt_path = None
     if resume:

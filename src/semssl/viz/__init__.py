@@ -6,7 +6,12 @@ A figure module defines
 * ``HELP`` — one line for ``semssl viz --help``;
 * ``add_arguments(parser)`` — its options (argparse);
 * ``run(args) -> int`` — draw the figure (matplotlib, Agg backend), write it where ``args.out`` says, print the
-  path, return the exit code.
+  path, return the exit code;
+
+and, if the figure can be drawn during training (``trainer.figures`` in a recipe, e.g. SCD's saliency maps
+forming), ``during_training(method, cfg, paths, out, **options) -> None``: draw it for the live ``method`` (a
+:class:`~semssl.methods.Method`, in eval mode for the call) into the PNG file ``out``; ``paths`` are the run's
+resolved data paths (``train``, ``eval_train``, ``eval_test``) and ``options`` the entry's other keys.
 """
 
 from __future__ import annotations
@@ -25,3 +30,15 @@ def figure_modules() -> dict[str, ModuleType]:
             if hasattr(module, "run") and hasattr(module, "add_arguments"):
                 out[info.name] = module
     return dict(sorted(out.items()))
+
+
+def training_figure(name: str) -> ModuleType:
+    """The figure module ``name``, which must support ``during_training`` (a ConfigError otherwise)."""
+    from semssl.errors import ConfigError
+
+    modules = figure_modules()
+    able = [n for n, m in modules.items() if hasattr(m, "during_training")]
+    if name not in able:
+        raise ConfigError(f"trainer.figures: '{name}' is not a figure that can be drawn during training "
+                          f"(available: {able or 'none'})")
+    return modules[name]
