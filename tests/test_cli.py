@@ -110,6 +110,6 @@ def test_data_synth_and_check(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     assert (root / "manifest.json").exists()
     assert run_cli("data", "check", str(root / "objects" / "train")).returncode == 0
-    (root / "objects" / "train" / "circle_stripes" / "broken.png").write_bytes(b"\x89PNG garbage")
+    (root / "objects" / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG garbage")
     res = run_cli("data", "check", str(root / "objects" / "train"))
     assert res.returncode == 1 and "broken.png" in res.stdout

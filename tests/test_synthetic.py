@@ -286,3 +286,30 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_root() == tmp_path / "d"
     monkeypatch.delenv("SEMSSL_DATA_DIR")
     assert default_root() == Path.home() / ".cache" / "semssl" / "synthetic"
+
+
+def test_raw_pixels_and_texture_do_not_name_the_class() -> None:
+    """Generator version 2: on a small set, kNN on raw pixels (resized, centred, L2-normalised, as the ``pixels``
+    baseline) stays near chance, and every class shows many textures (texture is drawn per instance)."""
+    import torch
+
+    from semssl.eval.knn import knn_evaluate
+
+    k, n_train, n_test = 10, 200, 100
+    images, labels = [], []
+    for i in range(n_train + n_test):
+        image, _ = render_object_image(np.random.default_rng(9000 + i), 32, i % k)
+        images.append(image.astype(np.float32).reshape(-1))
+        labels.append(i % k)
+    x, y = torch.tensor(np.stack(images)), torch.tensor(labels)
+    x = x - x[:n_train].mean(0)
+    x = torch.nn.functional.normalize(x, dim=1)
+    res = knn_evaluate(x[:n_train], y[:n_train], x[n_train:], y[n_train:], ks=(20,), temperature=0.07)
+    assert res["knn_top1"] < 25.0, res  # chance: 10 %
+    textures: dict[int, set] = {}
+    for i in range(120):
+        inst = render._make_instance(np.random.default_rng(i), i % 4, 400.0, 64)
+        textures.setdefault(i % 4, set()).add(inst.texture)
+    assert all(len(t) >= 5 for t in textures.values()), textures
+    v1 = render._make_instance(np.random.default_rng(0), 0, 400.0, 64, class_def="shape_texture")
+    assert v1.texture == "stripes"  # version 1's classes are still generated on request

@@ -174,7 +174,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(seed=args.seed, object_size=args.object_size, scene_size=args.scene_size,
                       n_train_objects=args.n_train_objects, n_test_objects=args.n_test_objects,
                       n_train_scenes=args.n_train_scenes, n_test_scenes=args.n_test_scenes,
-                      num_classes=args.num_classes, workers=args.workers)
+                      num_classes=args.num_classes, workers=args.workers, class_def=args.class_def)
     summary = generate(root, cfg, splits=tuple(args.splits))
     print(json.dumps(summary, indent=2, default=str))
     print(f"built-in data written to {root}")
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--n-train-scenes", type=int, default=1000)
     ps.add_argument("--n-test-scenes", type=int, default=200)
     ps.add_argument("--num-classes", type=int, default=10)
+    ps.add_argument("--class-def", choices=["shape", "shape_texture"], default="shape",
+                    help="a class is a shape (texture drawn per instance; default) or a (shape, texture) pair "
+                         "(generator version 1's classes)")
     ps.add_argument("--workers", type=int, default=2)
     ps.add_argument("--splits", nargs="+", default=["objects", "scenes"], choices=["objects", "scenes"])
     ps.set_defaults(func=cmd_data_synth)

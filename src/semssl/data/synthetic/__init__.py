@@ -3,11 +3,13 @@
 It is what ``semssl pretrain`` trains on when the user gives no data, so it must have structure that
 self-supervised learning can find and a random network does not already capture:
 
-* **Classes are defined by shape and texture together** (:data:`CLASS_NAMES`, e.g. ``circle_stripes``,
-  ``square_dots``): the same texture appears on several shapes and two classes are textureless, so neither
-  cue alone names every class.
-* **Colour is a nuisance**: the object's base and pattern colours are drawn per instance from one
-  distribution for every class, so the mean colour of an object says nothing about its class.
+* **Classes are shapes** (:data:`CLASS_NAMES`: ``circle``, ``square``, ... ; ``class_def: shape``, generator
+  version 2). Version 1 defined a class as a (shape, texture) pair, which a random network's texture
+  statistics already separate about as well as raw pixels do (docs/results.md §3); ``class_def:
+  shape_texture`` still generates it.
+* **Texture and colour are nuisances**: the texture (solid, stripes, dots, checker, grid, waves, concentric)
+  and the object's base and pattern colours are drawn per instance from one distribution for every class, so
+  neither says anything about the class.
 * **Pose is a nuisance**: random rotation, scale and aspect ratio per instance; textures are laid out in the
   object's own (rotated, stretched) frame, so they are scale-invariant.
 * **Backgrounds are a nuisance**: colour gradients, smooth blotches, sensor noise, random lines, blobs and
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semssl.data.synthetic.classes import CLASS_NAMES
+from semssl.data.synthetic.classes import CLASS_DEFS, CLASS_NAMES
 from semssl.errors import SynthConfigError, SyntheticDataError
 
 __all__ = [
@@ -62,7 +64,8 @@ __all__ = [
 
 GENERATOR_NAME = "semssl.synthetic"
 #: Bump whenever the drawn pixels or the file layout change, so cached datasets are regenerated.
-GENERATOR_VERSION = 1
+#: 2: classes are shapes by default (``class_def``); 1: (shape, texture) classes.
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS: tuple[str, ...] = ("objects", "scenes")
 PARTS: tuple[str, ...] = ("train", "test")
@@ -82,11 +85,16 @@ class SynthConfig:
     n_test_scenes: int = 200
     num_classes: int = DEFAULT_NUM_CLASSES  # <= len(CLASS_NAMES)
     workers: int = 2
+    class_def: str = "shape"  # "shape" (version 2) or "shape_texture" (version 1's classes)
 
     def validate(self) -> None:
         """Raise :class:`SynthConfigError` naming the first field with an invalid value."""
+        if self.class_def not in CLASS_DEFS:
+            raise SynthConfigError(f"SynthConfig.class_def = {self.class_def!r}: must be one of {list(CLASS_DEFS)}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "class_def":
+                continue
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise SynthConfigError(f"SynthConfig.{f.name} = {value!r}: must be an integer")
         limits = {

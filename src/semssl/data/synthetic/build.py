@@ -28,7 +28,7 @@ from semssl.data.synthetic import (
     SynthConfig,
     default_root,
 )
-from semssl.data.synthetic.classes import CLASS_NAMES
+from semssl.data.synthetic.classes import class_names
 from semssl.data.synthetic.render import render_object_image, render_scene
 from semssl.errors import SynthConfigError, SyntheticDataError
 
@@ -70,6 +70,7 @@ class _Task:
     seed: int
     size: int
     num_classes: int
+    class_def: str
 
 
 def _run_task(task: _Task) -> list[dict[str, Any]]:
@@ -81,10 +82,10 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
         name = f"{index:06d}.png"
         if task.split == "objects":
             cls = index % task.num_classes
-            image, _ = render_object_image(rng, task.size, cls, task.num_classes)
-            _write_png(out / CLASS_NAMES[cls] / name, image)
+            image, _ = render_object_image(rng, task.size, cls, task.num_classes, task.class_def)
+            _write_png(out / class_names(task.class_def)[cls] / name, image)
             continue
-        scene = render_scene(rng, task.size, task.num_classes)
+        scene = render_scene(rng, task.size, task.num_classes, task.class_def)
         _write_png(out / "images" / name, scene.image)
         _write_png(out / "semantic" / name, scene.semantic)
         records.append({"index": index, "file_name": name,
@@ -106,7 +107,7 @@ def _coco_annotation(cls: int, mask: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _coco_document(records: list[dict[str, Any]], size: int, num_classes: int) -> dict[str, Any]:
+def _coco_document(records: list[dict[str, Any]], size: int, num_classes: int, class_def: str) -> dict[str, Any]:
     """Assemble the COCO instances file of one scene split (image ids = index + 1, annotation ids from 1)."""
     images, annotations = [], []
     for rec in records:
@@ -114,7 +115,8 @@ def _coco_document(records: list[dict[str, Any]], size: int, num_classes: int) -
         images.append({"id": image_id, "file_name": rec["file_name"], "width": size, "height": size})
         for ann in rec["annotations"]:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
-    categories = [{"id": k + 1, "name": CLASS_NAMES[k], "supercategory": "shape"} for k in range(num_classes)]
+    names = class_names(class_def)
+    categories = [{"id": k + 1, "name": names[k], "supercategory": "shape"} for k in range(num_classes)]
     info = {"description": "semssl synthetic scenes", "version": str(GENERATOR_VERSION)}
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
@@ -128,13 +130,13 @@ def _tasks(config: SynthConfig, splits: Sequence[str], staging: Path) -> list[_T
         size = config.object_size if split == "objects" else config.scene_size
         for part in PARTS:
             out = staging / split / part
-            subdirs = CLASS_NAMES[: config.num_classes] if split == "objects" else ("images", "semantic")
+            subdirs = class_names(config.class_def)[: config.num_classes] if split == "objects" else ("images", "semantic")
             for sub in subdirs:
                 (out / sub).mkdir(parents=True, exist_ok=True)
             n = counts[(split, part)]
             for start in range(0, n, _TASK_CHUNK):
                 tasks.append(_Task(split, part, start, min(start + _TASK_CHUNK, n), str(out), config.seed, size,
-                                   config.num_classes))
+                                   config.num_classes, config.class_def))
     return tasks
 
 
@@ -157,9 +159,10 @@ def _run_all(tasks: list[_Task], workers: int) -> list[list[dict[str, Any]]]:
 
 def _manifest_key(config: SynthConfig, splits: Sequence[str]) -> dict[str, Any]:
     """The part of the manifest that decides whether a dataset on disk matches a config."""
-    cfg = {k: int(v) for k, v in asdict(config).items() if k != "workers"}  # int(): numpy ints are not JSON
+    cfg = {k: v if isinstance(v, str) else int(v)  # int(): numpy ints are not JSON
+           for k, v in asdict(config).items() if k != "workers"}
     return {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION, "config": cfg,
-            "class_names": list(CLASS_NAMES[: config.num_classes]), "splits": list(splits)}
+            "class_names": list(class_names(config.class_def)[: config.num_classes]), "splits": list(splits)}
 
 
 def load_manifest(root: Path) -> dict[str, Any] | None:
@@ -254,11 +257,12 @@ def _generate_unlocked(root: Path, config: SynthConfig, splits: list[str]) -> di
     for part in PARTS:
         if "objects" in splits:
             n = config.n_train_objects if part == "train" else config.n_test_objects
-            per_class = {CLASS_NAMES[k]: len(range(k, n, config.num_classes)) for k in range(config.num_classes)}
+            names = class_names(config.class_def)
+            per_class = {names[k]: len(range(k, n, config.num_classes)) for k in range(config.num_classes)}
             files[f"objects/{part}"] = {"images": n, "per_class": per_class}
         if "scenes" in splits:
             records = [r for t, res in zip(tasks, results) if (t.split, t.part) == ("scenes", part) for r in res]
-            doc = _coco_document(records, config.scene_size, config.num_classes)
+            doc = _coco_document(records, config.scene_size, config.num_classes, config.class_def)
             (staging / "scenes" / part / "annotations.json").write_text(json.dumps(doc))
             files[f"scenes/{part}"] = {"images": len(doc["images"]), "annotations": len(doc["annotations"])}
 

@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 
 from semssl.data.synthetic import DEFAULT_NUM_CLASSES
-from semssl.data.synthetic.classes import _CLASS_SPECS, CLASS_NAMES
+from semssl.data.synthetic.classes import CLASS_NAMES, class_names, class_spec
 from semssl.data.synthetic.shapes import (
+    TEXTURES,
     _HULL,
     _SHAPES,
     _UNIT_AREA,
@@ -124,8 +125,10 @@ def _sample_pose(rng: np.random.Generator, hull: np.ndarray, unit_area: float, a
 
 
 def _make_instance(rng: np.random.Generator, cls: int | None, area_px: float, size: int,
-                   hint: tuple[float, float] | None = None) -> _Instance:
-    """A class object (``cls`` >= 0) or an abstract clutter polygon (``cls`` None) of about ``area_px``."""
+                   hint: tuple[float, float] | None = None, class_def: str = "shape") -> _Instance:
+    """A class object (``cls`` >= 0) or an abstract clutter polygon (``cls`` None) of about ``area_px``.
+
+    With ``class_def`` ``shape`` the texture is drawn uniformly from :data:`TEXTURES` for every instance."""
     if cls is None:
         n = int(rng.integers(4, 8))
         t = np.sort(rng.uniform(0, 2 * math.pi, n))
@@ -133,7 +136,9 @@ def _make_instance(rng: np.random.Generator, cls: int | None, area_px: float, si
         ops: tuple[tuple[np.ndarray, bool], ...] = ((np.stack([r * np.cos(t), r * np.sin(t)], axis=1), True),)
         texture, unit_area = "solid", max(_unit_area(ops), 1e-3)
     else:
-        shape, texture = _CLASS_SPECS[cls]
+        shape, texture = class_spec(class_def, cls)
+        if texture is None:
+            texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
         ops, unit_area = _SHAPES[shape], _UNIT_AREA[shape]
     hull = _HULL[shape] if cls is not None else ops[0][0]
     pose = _sample_pose(rng, hull, unit_area, area_px, size, hint)
@@ -266,7 +271,7 @@ class SceneSample:
 
 
 def render_object_sample(rng: np.random.Generator, size: int, cls: int,
-                         num_classes: int = DEFAULT_NUM_CLASSES) -> ObjectSample:
+                         num_classes: int = DEFAULT_NUM_CLASSES, class_def: str = "shape") -> ObjectSample:
     """Draw one object-split image: background clutter, 0-2 small distractors, then the main object on top.
 
     The main object's mask covers :data:`MAIN_AREA_RANGE` of the image; each distractor covers at most
@@ -276,12 +281,13 @@ def render_object_sample(rng: np.random.Generator, size: int, cls: int,
     canvas = _background(rng, size)
     area = float(size * size)
     for _ in range(100):
-        main = _make_instance(rng, cls, rng.uniform(*_MAIN_AREA_TARGET) * area, size)
+        main = _make_instance(rng, cls, rng.uniform(*_MAIN_AREA_TARGET) * area, size, class_def=class_def)
         main_frac = float(main.mask.sum()) / area
         if MAIN_AREA_RANGE[0] <= main_frac <= MAIN_AREA_RANGE[1]:
             break
     else:
-        raise SyntheticDataError(f"could not place a {CLASS_NAMES[cls]} of 15-60 % area in a {size} px image")
+        raise SyntheticDataError(f"could not place a {class_names(class_def)[cls]} of 15-60 % area in a {size} px "
+                                 f"image")
 
     classes: list[int | None] = []
     areas: list[int] = []
@@ -290,7 +296,7 @@ def render_object_sample(rng: np.random.Generator, size: int, cls: int,
         d_cls = int(rng.integers(num_classes)) if rng.random() < 0.5 else None
         target = rng.uniform(_DISTRACTOR_AREA[0], max_frac) * area
         # Decision: the least-hidden of three candidate placements, so distractors are usually visible.
-        candidates = [_make_instance(rng, d_cls, target, size) for _ in range(3)]
+        candidates = [_make_instance(rng, d_cls, target, size, class_def=class_def) for _ in range(3)]
         best = min(candidates, key=lambda c: int((c.mask & main.mask).sum()))
         if best.mask.sum() > DISTRACTOR_MAX_RATIO * main.mask.sum():
             continue  # anti-aliasing made it too big for a tiny main object: leave it out
@@ -301,10 +307,10 @@ def render_object_sample(rng: np.random.Generator, size: int, cls: int,
     return ObjectSample(_finish(canvas, rng), main.mask, cls, classes, areas)
 
 
-def render_object_image(rng: np.random.Generator, size: int, cls: int,
-                        num_classes: int = DEFAULT_NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def render_object_image(rng: np.random.Generator, size: int, cls: int, num_classes: int = DEFAULT_NUM_CLASSES,
+                        class_def: str = "shape") -> tuple[np.ndarray, np.ndarray]:
     """One object-split image (HxWx3 uint8 RGB) of class ``cls`` and its main object's mask (HxW bool)."""
-    sample = render_object_sample(rng, size, cls, num_classes)
+    sample = render_object_sample(rng, size, cls, num_classes, class_def)
     return sample.image, sample.mask
 
 
@@ -320,7 +326,8 @@ def _visible(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int) -> list[_Instance]:
+def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int,
+                         class_def: str = "shape") -> list[_Instance]:
     """Place 2-6 objects; about half of them next to an earlier one so that they overlap.
 
     A placement is rejected if it would hide more than 55 % of an earlier object, so occlusion is partial.
@@ -339,7 +346,7 @@ def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int) 
             reach = (math.sqrt(other.mask.sum() / math.pi) + math.sqrt(target / math.pi)) * rng.uniform(0.35, 0.8)
             theta = rng.uniform(0.0, 2 * math.pi)
             hint = (other.pose.cx + reach * math.cos(theta), other.pose.cy + reach * math.sin(theta))
-        inst = _make_instance(rng, cls, target, size, hint)
+        inst = _make_instance(rng, cls, target, size, hint, class_def)
         masks = [p.mask for p in placed] + [inst.mask]
         vis = _visible(masks)
         if all(v.sum() >= _SCENE_MIN_VISIBLE_SHARE * m.sum() for v, m in zip(vis, masks)):
@@ -349,7 +356,8 @@ def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int) 
     return placed
 
 
-def render_scene(rng: np.random.Generator, size: int, num_classes: int = DEFAULT_NUM_CLASSES) -> SceneSample:
+def render_scene(rng: np.random.Generator, size: int, num_classes: int = DEFAULT_NUM_CLASSES,
+                 class_def: str = "shape") -> SceneSample:
     """Draw one scene: clutter, then 2-6 objects in z order; masks are the visible pixels after occlusion.
 
     Objects whose visible area is below :data:`SCENE_MIN_VISIBLE_FRAC` of the image are dropped *before*
@@ -357,7 +365,7 @@ def render_scene(rng: np.random.Generator, size: int, num_classes: int = DEFAULT
     """
     _check_class(0, num_classes)
     canvas = _background(rng, size)
-    placed = _place_scene_objects(rng, size, num_classes)
+    placed = _place_scene_objects(rng, size, num_classes, class_def)
     min_px = SCENE_MIN_VISIBLE_FRAC * size * size
     vis = _visible([p.mask for p in placed])
     # Dropping an object only uncovers objects below it, so one filtering pass suffices.
