@@ -398,3 +398,469 @@ class ShuffleBackgrounds:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# ================================================================================================================
+# D3SSL's region augmentations (METHODS.md §5.2, §5.4; DESIGN.md "Decisions" -> D3SSL): PRC, PRM, the
+# de-positioning composite, and their batch transforms. Pure functions on one image ``[C, H, W]`` and its boxes
+# ``[P, 4]`` (view pixels, continuous xyxy) with an explicit ``generator``; a pixel belongs to a box or rectangle
+# when its centre does (:func:`boxes_to_mask`). RBJ is :func:`box_jitter` with ``grow=False`` (ViewSpec
+# ``box_jitter_grow: false``).
+# ================================================================================================================
+__all__ += [
+    "prc_mask",
+    "prm_mask",
+    "proposal_cutout",
+    "proposal_mask",
+    "depositioning_offset",
+    "composite",
+    "region_fill",
+    "ProposalCutout",
+    "ProposalMask",
+    "Depositioning",
+]
+
+
+def _rect_mask(x1: float, y1: float, x2: float, y2: float, height: int, width: int) -> torch.Tensor:
+    """Bool ``[H, W]``: pixels whose centre lies in ``[x1, x2) x [y1, y2)``."""
+    cx = torch.arange(width, dtype=torch.float64) + 0.5
+    cy = torch.arange(height, dtype=torch.float64) + 0.5
+    return ((cy >= y1) & (cy < y2))[:, None] & ((cx >= x1) & (cx < x2))[None, :]
+
+
+def _check_pair(value: Sequence[float], what: str, lo: float, hi: float | None) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ViewError(f"{what} must be a pair (min, max), got {value!r}") from None
+    if not (lo < a <= b) or (hi is not None and b > hi):
+        top = f" <= {hi}" if hi is not None else ""
+        raise ViewError(f"{what} must satisfy {lo} < min <= max{top}, got {value!r}")
+    return a, b
+
+
+def _pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
+    """Pixels ``[a, b)`` whose centre lies in ``[lo, hi)``, within ``[0, size)``."""
+    a = min(max(math.ceil(lo - 0.5), 0), size)
+    b = min(max(math.ceil(hi - 0.5), a), size)
+    return a, b
+
+
+def prc_mask(
+    boxes: torch.Tensor,
+    view_size: int | Sequence[int],
+    valid: torch.Tensor | None = None,
+    *,
+    area: tuple[float, float] = (0.2, 0.5),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """PRC, proposal-based random cutout (D3SSL §4.1; METHODS.md §5.2, §5.4): the cut-out pixels ``[H, W]``
+    (bool) for the valid ``boxes`` ``[P, 4]``, and a trace for inspection.
+
+    Boxes are processed **from large to small** (pixel area, ties by index).  A box covers the ``w x h`` pixels
+    whose centres it contains.  For box ``i`` with its ratio ``r_i ~ U(area)``: ``r_cur`` = fraction of its
+    pixels already cut by larger boxes' cut-outs; if ``r_cur > r_i`` (the box is over-cut: the threshold is its
+    own ratio, as in the authors' later ``RCC`` routine, METHODS.md §5.4) its pixels are **restored** and
+    ``r_cur = 0``; then a rectangle with the **box's aspect ratio** and at most ``(r_i - r_cur) w h`` pixels —
+    sides ``floor(sqrt(r_i - r_cur) * (w, h))`` — is cut at a uniform random pixel position inside the box.
+
+    Bound: right after its own turn a box has at most ``r_i <= area[1]`` of its pixels cut (exactly, in
+    pixels); a smaller box processed later can add cut pixels inside a larger one only within its own cut
+    rectangle, and restores its own pixels when over-cut.
+
+    Decisions: ``area`` = the paper's [0.2, 0.5] per box (RCC draws one ratio per image); cut-outs snap to the
+    pixel grid (floor of the sides, so the bound holds exactly and the aspect within one pixel).  Three numbers
+    are drawn per box (ratio, x, y) in index order whether or not the box is valid, so the stream does not
+    depend on validity.
+
+    Trace: ``order`` (box indices processed), ``ratios`` ``[P]``, ``restored`` (indices restored),
+    ``fraction_after`` ``{index: cut fraction of its pixels right after its turn}``, ``rects`` ``{index: (x1,
+    y1, x2, y2) of its cut-out in pixels}``, ``box_pixels`` ``{index: (w, h)}``.
+    """
+    vh, vw = view_hw(view_size)
+    height, width = int(vh), int(vw)
+    valid = _default_valid(boxes, valid)
+    lo, hi = _check_pair(area, "prc: area", 0.0, 1.0)
+    n = boxes.shape[0]
+    draws = torch.rand((n, 3), generator=generator, dtype=torch.float64)
+    ratios = lo + (hi - lo) * draws[:, 0]
+    b = boxes.detach().to("cpu", torch.float64)
+    spans = {}
+    for i in range(n):
+        if bool(valid[i]):
+            x1, y1, x2, y2 = b[i].tolist()
+            (c0, c1), (r0, r1) = _pixel_span(x1, x2, width), _pixel_span(y1, y2, height)
+            if c1 > c0 and r1 > r0:
+                spans[i] = (c0, r0, c1, r1)
+    order = sorted(spans, key=lambda i: (-(spans[i][2] - spans[i][0]) * (spans[i][3] - spans[i][1]), i))
+    cut = torch.zeros((height, width), dtype=torch.bool)
+    trace: dict[str, Any] = {"order": order, "ratios": ratios, "restored": [], "fraction_after": {}, "rects": {},
+                             "box_pixels": {}}
+    for i in order:
+        c0, r0, c1, r1 = spans[i]
+        w, h = c1 - c0, r1 - r0
+        trace["box_pixels"][i] = (w, h)
+        r_i = float(ratios[i])
+        r_cur = int(cut[r0:r1, c0:c1].sum()) / (w * h)
+        if r_cur > r_i:
+            cut[r0:r1, c0:c1] = False
+            r_cur = 0.0
+            trace["restored"].append(i)
+        s = math.sqrt(max(r_i - r_cur, 0.0))
+        cw, ch = math.floor(s * w + 1e-9), math.floor(s * h + 1e-9)
+        if cw > 0 and ch > 0:
+            left = c0 + min(int(float(draws[i, 1]) * (w - cw + 1)), w - cw)
+            top = r0 + min(int(float(draws[i, 2]) * (h - ch + 1)), h - ch)
+            cut[top : top + ch, left : left + cw] = True
+            trace["rects"][i] = (left, top, left + cw, top + ch)
+        trace["fraction_after"][i] = int(cut[r0:r1, c0:c1].sum()) / (w * h)
+    return cut.to(boxes.device), trace
+
+
+_PRM_SIDES = ("left", "right", "top", "bottom")
+
+
+def prm_mask(
+    boxes: torch.Tensor,
+    view_size: int | Sequence[int],
+    valid: torch.Tensor | None = None,
+    *,
+    scale: tuple[float, float] = (0.2, 0.6),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """PRM, proposal-based random mask (D3SSL §4.1; METHODS.md §5.2; DESIGN.md "D3SSL"): the pixels ``[H, W]``
+    (bool) that stay **visible** — every valid box, plus for each box a few rectangles of its surroundings on
+    random sides; the caller masks every other pixel.  Returns ``(visible, trace)``.
+
+    The exact geometry (the paper gives only the ranges; decision, documented here):
+
+    * **sides**: each of left, right, top, bottom is chosen independently with probability 1/2; when none is,
+      one side is chosen uniformly — so a box gets 1-4 directions of context (2.06 on average);
+    * **rectangle** per chosen side: area ``s * w h`` with ``s ~ U(scale)`` ([0.2, 0.6]) and aspect
+      ``a = width / height ~ log-U(aspect)`` ([3/4, 4/3]): sides ``(sqrt(s w h a), sqrt(s w h / a))``;
+    * **placement**: adjacent to the chosen side, outside the box — left: ``[x1 - rw, x1]``, right:
+      ``[x2, x2 + rw]`` in x, and in y centred at a uniform point of ``[y1, y2]`` (top/bottom likewise with the
+      axes swapped) — then clipped to the view.
+
+    So the context around each proposal is a random, partial, direction-dependent part of its surroundings,
+    while the rest of the image (including other objects outside every box and rectangle) is hidden.  Drawn per
+    box in index order whether or not it is valid: 4 side flags, 1 fallback side, and (s, a, centre) for each of
+    the 4 sides.  Trace: ``sides`` ``{index: [side names]}``, ``rects`` ``{index: [(x1, y1, x2, y2), ...]}``
+    (before clipping to the view).
+    """
+    vh, vw = view_hw(view_size)
+    height, width = int(vh), int(vw)
+    valid = _default_valid(boxes, valid)
+    s_lo, s_hi = _check_pair(scale, "prm: scale", 0.0, None)
+    a_lo, a_hi = _check_pair(aspect, "prm: aspect", 0.0, None)
+    n = boxes.shape[0]
+    draws = torch.rand((n, 17), generator=generator, dtype=torch.float64)
+    b = boxes.detach().to("cpu", torch.float64)
+    visible = boxes_to_mask(b, (height, width), valid.cpu())
+    trace: dict[str, Any] = {"sides": {}, "rects": {}}
+    for i in range(n):
+        if not bool(valid[i]):
+            continue
+        x1, y1, x2, y2 = b[i].tolist()
+        w, h = x2 - x1, y2 - y1
+        chosen = [k for k in range(4) if float(draws[i, k]) < 0.5]
+        if not chosen:
+            chosen = [min(int(float(draws[i, 4]) * 4), 3)]
+        rects = []
+        for k in chosen:
+            s = s_lo + (s_hi - s_lo) * float(draws[i, 5 + 3 * k])
+            a = math.exp(math.log(a_lo) + (math.log(a_hi) - math.log(a_lo)) * float(draws[i, 6 + 3 * k]))
+            u = float(draws[i, 7 + 3 * k])
+            rw, rh = math.sqrt(s * w * h * a), math.sqrt(s * w * h / a)
+            if _PRM_SIDES[k] in ("left", "right"):
+                cy = y1 + u * h
+                rx1 = x1 - rw if _PRM_SIDES[k] == "left" else x2
+                rect = (rx1, cy - rh / 2, rx1 + rw, cy + rh / 2)
+            else:
+                cx = x1 + u * w
+                ry1 = y1 - rh if _PRM_SIDES[k] == "top" else y2
+                rect = (cx - rw / 2, ry1, cx + rw / 2, ry1 + rh)
+            rects.append(rect)
+            visible |= _rect_mask(*rect, height, width)  # pixel centres outside the view are simply not there
+        trace["sides"][i] = [_PRM_SIDES[k] for k in chosen]
+        trace["rects"][i] = rects
+    return visible.to(boxes.device), trace
+
+
+def region_fill(image: torch.Tensor, fill: float | Sequence[float] | None = None) -> torch.Tensor:
+    """The colour ``[C, 1, 1]`` that hides pixels: ``fill`` if given, else 0 for a float (normalised) view — the
+    mean colour, as SoCo's cutout — and the ImageNet mean in 0..255 for a uint8 view (the same colour)."""
+    if fill is None:
+        if image.dtype == torch.uint8:
+            from semssl.data.augment import IMAGENET_MEAN
+
+            fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
+        else:
+            fill = 0.0
+    return torch.as_tensor(fill, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
+
+
+def proposal_cutout(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    area: tuple[float, float] = (0.2, 0.5),
+    fill: float | Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PRC on an image ``[C, H, W]``: the cut pixels of :func:`prc_mask` set to :func:`region_fill`.  Returns
+    ``(new image, cut mask [H, W])``; ``image`` is not modified."""
+    if image.ndim != 3:
+        raise ViewError(f"proposal_cutout expects an image [C, H, W], got shape {tuple(image.shape)}")
+    cut, _ = prc_mask(boxes, image.shape[-2:], valid, area=area, generator=generator)
+    return torch.where(cut.to(image.device), region_fill(image, fill), image), cut
+
+
+def proposal_mask(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: tuple[float, float] = (0.2, 0.6),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    fill: float | Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PRM on an image ``[C, H, W]``: every pixel outside the visible region of :func:`prm_mask` set to
+    :func:`region_fill`.  Returns ``(new image, visible mask [H, W])``; an image without a valid box is
+    returned unchanged (nothing to give context to)."""
+    if image.ndim != 3:
+        raise ViewError(f"proposal_mask expects an image [C, H, W], got shape {tuple(image.shape)}")
+    visible, _ = prm_mask(boxes, image.shape[-2:], valid, scale=scale, aspect=aspect, generator=generator)
+    if not bool(_default_valid(boxes, valid).any()):
+        return image.clone(), torch.ones_like(visible)
+    return torch.where(visible.to(image.device), image, region_fill(image, fill)), visible
+
+
+def depositioning_offset(
+    boxes: torch.Tensor,
+    view_size: int | Sequence[int],
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """D3SSL's common shift ``t`` (Eq. 8, ``b^_i = b_i + t``): integer ``(tx, ty)`` uniform over the shifts that keep
+    every valid box inside the view (``-min x1 <= tx <= W - max x2``, rounded inwards); ``(0, 0)`` without a
+    valid box.  Integer, so shifted pixels are copied exactly.  Two numbers are drawn either way."""
+    vh, vw = view_hw(view_size)
+    valid = _default_valid(boxes, valid)
+    u = torch.rand(2, generator=generator, dtype=torch.float64)
+    if not bool(valid.any()):
+        return 0, 0
+    b = boxes.detach().to("cpu", torch.float64)[valid.cpu()]
+    lo_x, hi_x = math.ceil(-float(b[:, 0].min()) - 1e-9), math.floor(vw - float(b[:, 2].max()) + 1e-9)
+    lo_y, hi_y = math.ceil(-float(b[:, 1].min()) - 1e-9), math.floor(vh - float(b[:, 3].max()) + 1e-9)
+    tx = lo_x + min(int(float(u[0]) * (hi_x - lo_x + 1)), hi_x - lo_x) if hi_x >= lo_x else 0
+    ty = lo_y + min(int(float(u[1]) * (hi_y - lo_y + 1)), hi_y - lo_y) if hi_y >= lo_y else 0
+    return tx, ty
+
+
+def composite(
+    foreground: torch.Tensor,
+    boxes: torch.Tensor,
+    background: torch.Tensor,
+    offset: tuple[int, int],
+    valid: torch.Tensor | None = None,
+    *,
+    cut: bool = True,
+    area: tuple[float, float] = (0.2, 0.5),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D3SSL's de-positioning composite ``x3 = C(x2, m, x_b, m^)`` (Eqs. 6-8): the pixels of ``foreground``
+    ``[C, H, W]`` under the union ``m`` of the valid ``boxes`` are pasted onto ``background`` (same shape) shifted
+    by the integer ``offset = (tx, ty)``; the pasted mask ``m^`` (union of the shifted boxes) is first **cut again
+    with PRC** (Eq. 7, ``cut=True``, ratios ``U(area)``), so the cut-out parts of each shifted box show the
+    background.  Returns ``(x3, shifted boxes [P, 4], pasted mask m^ [H, W])``; invalid boxes are shifted too
+    (their validity does not change: shifted valid boxes stay inside the view)."""
+    if foreground.shape != background.shape or foreground.ndim != 3:
+        raise ViewError(f"composite: foreground {tuple(foreground.shape)} and background {tuple(background.shape)} "
+                        "must be images [C, H, W] of the same shape")
+    valid = _default_valid(boxes, valid)
+    tx, ty = int(offset[0]), int(offset[1])
+    shifted = boxes.to(torch.float32) + torch.tensor([tx, ty, tx, ty], dtype=torch.float32, device=boxes.device)
+    height, width = foreground.shape[-2:]
+    pasted = boxes_to_mask(shifted, (height, width), valid)
+    if cut:
+        cut_mask, _ = prc_mask(shifted, (height, width), valid, area=area, generator=generator)
+        pasted &= ~cut_mask.to(pasted.device)
+    moved = torch.roll(foreground, shifts=(ty, tx), dims=(-2, -1))  # pixels under m^ come from inside m
+    return torch.where(pasted.to(foreground.device), moved, background), shifted, pasted
+
+
+def _region_keys(batch: dict, regions: str, who: str) -> tuple[str, str, str]:
+    key = regions
+    if key == "auto":
+        key = "proposals" if "proposals" in batch else "boxes"
+    if key not in batch:
+        raise SampleError(f"{who}: the batch has no {key!r} (keys: {sorted(batch)})")
+    return (key, "proposal_ids", "proposal_valid") if key == "proposals" else (key, "box_ids", "box_valid")
+
+
+def _check_views(batch: dict, names: Sequence[str], who: str) -> None:
+    missing = [n for n in names if n not in batch["views"]]
+    if missing:
+        raise SampleError(f"{who}: no view {missing[0]!r} in the batch (views: {sorted(batch['views'])})")
+
+
+@register_batch_transform("prc")
+@dataclass
+class ProposalCutout:
+    """Batch transform ``prc``: :func:`proposal_cutout` on every image (row) of each listed view, with
+    probability ``p`` per row, from its valid proposals (``regions``: proposals / boxes / auto).  D3SSL's
+    de-coupling views: ``{name: prc, views: [x1, x2s]}`` then ``{name: prm, views: [x1, x2s]}`` gives
+    ``x^ = PRM o PRC(x)`` (Eq. 2; the two commute: PRC changes pixels inside boxes only, PRM outside).
+    ``fill``: None = the mean colour (:func:`region_fill`)."""
+
+    views: tuple[str, ...] = ("x1", "x2s")
+    area: tuple[float, float] = (0.2, 0.5)
+    p: float = 1.0
+    fill: float | None = None
+    regions: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_probability(self.p, "prc")
+        self.area = _check_pair(self.area, "prc: area", 0.0, 1.0)
+        self.views = tuple(self.views)
+        if self.regions not in ("auto", "proposals", "boxes"):
+            raise ViewError(f"prc: regions must be auto, proposals or boxes, got {self.regions!r}")
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict:
+        key, _, valid_key = _region_keys(batch, self.regions, "prc")
+        _check_views(batch, self.views, "prc")
+        out = dict(batch)
+        out["views"] = dict(batch["views"])
+        for name in self.views:
+            x = batch["views"][name]
+            apply = torch.rand(x.shape[0], generator=generator) < self.p
+            rows = []
+            for r in range(x.shape[0]):
+                image, _ = proposal_cutout(x[r], batch[key][name][r], batch[valid_key][name][r], area=self.area,
+                                           fill=self.fill, generator=generator)
+                rows.append(image if bool(apply[r]) else x[r])
+            out["views"][name] = torch.stack(rows)
+        return out
+
+
+@register_batch_transform("prm")
+@dataclass
+class ProposalMask:
+    """Batch transform ``prm``: :func:`proposal_mask` on every image (row) of each listed view, with probability
+    ``p`` per row (see :class:`ProposalCutout`)."""
+
+    views: tuple[str, ...] = ("x1", "x2s")
+    scale: tuple[float, float] = (0.2, 0.6)
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    p: float = 1.0
+    fill: float | None = None
+    regions: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_probability(self.p, "prm")
+        self.scale = _check_pair(self.scale, "prm: scale", 0.0, None)
+        self.aspect = _check_pair(self.aspect, "prm: aspect", 0.0, None)
+        self.views = tuple(self.views)
+        if self.regions not in ("auto", "proposals", "boxes"):
+            raise ViewError(f"prm: regions must be auto, proposals or boxes, got {self.regions!r}")
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict:
+        key, _, valid_key = _region_keys(batch, self.regions, "prm")
+        _check_views(batch, self.views, "prm")
+        out = dict(batch)
+        out["views"] = dict(batch["views"])
+        for name in self.views:
+            x = batch["views"][name]
+            apply = torch.rand(x.shape[0], generator=generator) < self.p
+            rows = []
+            for r in range(x.shape[0]):
+                image, _ = proposal_mask(x[r], batch[key][name][r], batch[valid_key][name][r], scale=self.scale,
+                                         aspect=self.aspect, fill=self.fill, generator=generator)
+                rows.append(image if bool(apply[r]) else x[r])
+            out["views"][name] = torch.stack(rows)
+        return out
+
+
+@register_batch_transform("depositioning")
+@dataclass
+class Depositioning:
+    """Batch transform ``depositioning``: D3SSL's de-positioning view (Eqs. 6-8, METHODS.md §5.2) as a new view.
+
+    For every row ``r`` of view ``source`` (``x2``): a common integer shift ``t`` of all its valid proposals
+    (:func:`depositioning_offset`), the foreground (union of its proposals) pasted at the shifted place onto the
+    ``source`` view of another image of the batch, the pasted mask cut again with PRC (``cut``, ratios
+    ``U(area)``), by :func:`composite`.  Output: view ``out`` (``x3``) with ``proposals[out]`` = the shifted boxes,
+    the same ``proposal_ids`` and ``proposal_valid`` as ``source``, and ``geometry[out]`` = the crop of ``source``
+    translated by ``-t`` (exact for the pasted pixels, not for the background).
+
+    Decisions: the background image (unspecified in the paper) is **another image of the batch** (DESIGN.md),
+    in its ``source`` view, un-augmented: row ``r`` takes row ``(b + s_b) mod B`` of the same crop with
+    ``s_b ~ U{1..B-1}`` drawn per image (never itself; a batch of one image is its own background).  Ground-truth
+    ``boxes`` present in the batch are shifted too but marked invalid in ``out`` (only proposals' pixels are
+    pasted) and their masks are empty.  Run it before any transform that changes ``source``.
+    """
+
+    source: str = "x2"
+    out: str = "x3"
+    cut: bool = True
+    area: tuple[float, float] = (0.2, 0.5)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not isinstance(self.out, str) or self.source == self.out:
+            raise ViewError(f"depositioning: source and out must be two different view names, got "
+                            f"{self.source!r}, {self.out!r}")
+        if not isinstance(self.cut, bool):
+            raise ViewError(f"depositioning: cut must be true or false, got {self.cut!r}")
+        self.area = _check_pair(self.area, "depositioning: area", 0.0, 1.0)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict:
+        who = "depositioning"
+        if "proposals" not in batch:
+            raise SampleError(f"{who}: the batch has no 'proposals' (keys: {sorted(batch)}); set data.proposals")
+        _check_views(batch, [self.source], who)
+        if self.out in batch["views"]:
+            raise SampleError(f"{who}: the batch already has a view {self.out!r}")
+        x = batch["views"][self.source]
+        boxes, valid = batch["proposals"][self.source], batch["proposal_valid"][self.source]
+        n_images = int(batch["index"].shape[0])
+        rows_total = x.shape[0]
+        vh, vw = x.shape[-2:]
+        shifts = torch.randint(1, max(n_images, 2), (n_images,), generator=generator)
+        images, shifted, offsets = [], [], []
+        for r in range(rows_total):
+            b = r % n_images
+            partner = r - b + ((b + int(shifts[b])) % n_images if n_images > 1 else b)
+            t = depositioning_offset(boxes[r], x.shape[-2:], valid[r], generator=generator)
+            image, moved, _ = composite(x[r], boxes[r], x[partner], t, valid[r], cut=self.cut, area=self.area,
+                                        generator=generator)
+            images.append(image)
+            shifted.append(moved)
+            offsets.append(t)
+        t_all = torch.tensor(offsets, dtype=torch.float32)  # [R, 2]
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in batch.items()}
+        out["views"][self.out] = torch.stack(images)
+        out["proposals"][self.out] = torch.stack(shifted).to(boxes.dtype)
+        out["proposal_ids"][self.out] = batch["proposal_ids"][self.source].clone()
+        out["proposal_valid"][self.out] = valid.clone()
+        if "geometry" in batch and self.source in batch["geometry"]:
+            g = batch["geometry"][self.source].clone()
+            sx, sy = (g[:, 2] - g[:, 0]) / vw, (g[:, 3] - g[:, 1]) / vh
+            dx = torch.where(g[:, 4] > 0.5, t_all[:, 0] * sx, -t_all[:, 0] * sx)
+            g[:, 0] += dx
+            g[:, 2] += dx
+            g[:, 1] -= t_all[:, 1] * sy
+            g[:, 3] -= t_all[:, 1] * sy
+            out["geometry"][self.out] = g
+        if "boxes" in batch and self.source in batch["boxes"]:
+            gt = batch["boxes"][self.source]
+            move = torch.cat([t_all, t_all], dim=1)[:, None, :].to(gt.dtype)
+            out["boxes"][self.out] = clip_boxes(gt + move, (float(vh), float(vw)))
+            out["box_ids"][self.out] = batch["box_ids"][self.source].clone()
+            out["box_valid"][self.out] = torch.zeros_like(batch["box_valid"][self.source])
+            if "masks" in batch and self.source in batch["masks"]:
+                out["masks"][self.out] = torch.zeros_like(batch["masks"][self.source])
+        return out

@@ -42,6 +42,13 @@ class CocoSource(ImageSource):
             (``annotations/`` beside ``train2017/``) and ``images/train2017``.
         load_masks: decode instance masks (pycocotools) when the file has segmentations.
         on_error: ``"skip"`` or ``"raise"`` for images that fail to decode.
+        proposals: attach unsupervised ``"proposals"`` (selective search, SoCo's filters; float32 ``[P, 4]``
+            xyxy image pixels, the whole image when an image has none) to every sample, from the dataset's cache
+            ``<annotation json>.proposals.json`` (:mod:`semssl.data.proposals`): ``True`` computes a missing or
+            stale cache first, ``"require"`` raises instead.
+        proposal_params: selective-search / filter settings (fields of
+            :class:`~semssl.data.proposals.ProposalParams`, e.g. ``{"reference_size": None}`` for SoCo's absolute
+            32 px side filter); None = the defaults.
 
     Per image: crowd annotations (``iscrowd=1``) and boxes with w or h <= 1 are dropped; boxes go from
     x,y,w,h to x1,y1,x2,y2 and are clipped to the image (Decision: downstream crop and RoI geometry assume
@@ -58,6 +65,8 @@ class CocoSource(ImageSource):
         images_dir: str | os.PathLike[str] | None = None,
         load_masks: bool = True,
         on_error: OnError = "skip",
+        proposals: bool | str = False,
+        proposal_params: dict | None = None,
     ) -> None:
         super().__init__(on_error)
         self.annotation_json = _require_file(annotation_json, "COCO annotation file")
@@ -79,6 +88,12 @@ class CocoSource(ImageSource):
         self.images_dir = _resolve_images_dir(self.annotation_json, images_dir, parsed.file_names)
         self.paths = [self.images_dir / name for name in parsed.file_names]
         self.targets = [-1] * len(self.paths)
+        self.proposals = None
+        if proposals:
+            from semssl.data.proposals import SourceProposals
+
+            self.proposals = SourceProposals(self.paths, self.images_dir, self.annotation_json, mode=proposals,
+                                             params=proposal_params)
 
     @property
     def location(self) -> Path:
@@ -112,6 +127,8 @@ class CocoSource(ImageSource):
             "boxes": torch.from_numpy(xyxy[keep].astype(np.float32)),
             "box_labels": torch.tensor([label for _, _, label, _ in kept], dtype=torch.int64),
         }
+        if self.proposals is not None:
+            sample["proposals"] = self.proposals.for_image(index, image.size)
         if self.load_masks:
             segs = [(ann_id, seg) for ann_id, _, _, seg in kept]
             sample["masks"] = self._decode_masks(index, segs, height, width)

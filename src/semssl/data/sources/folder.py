@@ -41,6 +41,13 @@ class ImageFolderSource(ImageSource):
             warning). ``False`` lists every image under ``root`` recursively, all with label -1.
         extensions: file extensions to list (case-insensitive).
         on_error: ``"skip"`` or ``"raise"`` for files that fail to decode (module docstring).
+        proposals: attach unsupervised ``"proposals"`` (selective search, SoCo's filters; float32 ``[P, 4]``
+            xyxy image pixels, the whole image when an image has none) to every sample, from the dataset's cache
+            ``<folder>.proposals.json`` beside the folder (:mod:`semssl.data.proposals`): ``True`` computes a
+            missing or stale cache first, ``"require"`` raises instead.
+        proposal_params: selective-search / filter settings (fields of
+            :class:`~semssl.data.proposals.ProposalParams`, e.g. ``{"reference_size": None}`` for SoCo's absolute
+            32 px side filter); None = the defaults.
 
     Decision: with ``labels=None``, a folder holding both loose images and class sub-folders is ambiguous
     and raises a DataError asking for ``labels=True`` or ``False`` rather than guessing. Sub-folders with no
@@ -54,6 +61,8 @@ class ImageFolderSource(ImageSource):
         labels: bool | None = None,
         extensions: Iterable[str] = IMG_EXTENSIONS,
         on_error: OnError = "skip",
+        proposals: bool | str = False,
+        proposal_params: dict | None = None,
     ) -> None:
         super().__init__(on_error)
         self.root = _require_dir(root, "image folder")
@@ -65,6 +74,12 @@ class ImageFolderSource(ImageSource):
         if not self.paths:
             raise _no_images_error(self.root, self.extensions)
         self.labelled = bool(self.classes)
+        self.proposals = None
+        if proposals:
+            from semssl.data.proposals import SourceProposals
+
+            self.proposals = SourceProposals(self.paths, self.root, self.root, mode=proposals,
+                                             params=proposal_params)
 
     @property
     def location(self) -> Path:
@@ -119,4 +134,7 @@ class ImageFolderSource(ImageSource):
             self.targets.extend([label] * len(per_class[name]))
 
     def _sample(self, index: int, image: Image.Image) -> Sample:
-        return {"image": image, "label": self.targets[index], "index": index}
+        sample: Sample = {"image": image, "label": self.targets[index], "index": index}
+        if self.proposals is not None:
+            sample["proposals"] = self.proposals.for_image(index, image.size)
+        return sample

@@ -1,0 +1,112 @@
+"""Step time of several methods as ratios to the first one, measured in the same process, interleaved.
+
+The paper-style comparison of one method with its base (SCD's Table 9: SCD-MoCo / MoCo-v2, SCD-BYOL (asym) /
+BYOL (sym)): each recipe's engine step (``semssl.bench.MethodStep``) with the same backbone, batch and view size,
+timed in rounds (A B C A B C ...) after a warm-up, next to the ratio of their whole-step FLOPs, and each one's
+ratio to a supervised step on the same batch (as ``step_time.py``).
+
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes mocov2_resnet18_1x64-400it_synthetic \\
+        scd_mocov2_resnet18_1x64-400it_synthetic --size 96 --batch 32
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes byol_resnet18_1x64-400it_synthetic \\
+        scd_byol_resnet18_1x64-400it_synthetic byol-asym_resnet18_1x64-400it_synthetic --size 96 --batch 32
+
+Every recipe gets ``model.arch``, ``data.batch_size`` and all view sizes from the options (everything else is
+its own); the batch must divide each recipe's ``model.bn_splits``. Random normalised images (the cost does not
+depend on pixel values). ``KEY=VALUE`` overrides apply to every recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional
+
+import torch
+
+from semssl.bench import (
+    BenchError,
+    MethodStep,
+    SupervisedStep,
+    count_flops,
+    environment,
+    markdown_table,
+    random_views,
+    script_main,
+    summarize,
+    time_interleaved,
+)
+
+MIN_SIZE = 96
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", required=True, help="recipes; ratios are to the first one")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=96, help=f"view resolution in px, >= {MIN_SIZE} (default 96)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every recipe")
+    return p.parse_args(argv)
+
+
+def build(recipe: str, args: argparse.Namespace) -> Any:
+    from semssl.config import load_config
+
+    base = load_config(recipe, list(args.overrides))
+    sizes = [f"data.views.{i}.size={args.size}" for i in range(len(base.data.views))]
+    cfg = load_config(recipe, [f"model.arch={args.arch}", f"data.batch_size={args.batch}", *sizes,
+                               *args.overrides])
+    if cfg.model.bn_splits > 1 and args.batch % cfg.model.bn_splits:
+        raise BenchError(f"--batch {args.batch} is not divisible by model.bn_splits={cfg.model.bn_splits} of "
+                         f"{recipe}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.size < MIN_SIZE:
+        raise BenchError(f"--size {args.size}: use >= {MIN_SIZE} px")
+    torch.set_num_threads(args.threads)
+    steps: dict[str, Any] = {}
+    for recipe in args.recipes:
+        cfg = build(recipe, args)
+        batch = {"views": random_views(cfg, args.batch, seed=args.seed)}
+        if not steps:
+            first = batch["views"][cfg.data.views[0].name][: args.batch]
+            steps["supervised"] = SupervisedStep(first, arch=args.arch, seed=args.seed,
+                                                 small_input=cfg.model.small_input, width=cfg.model.width)
+        if recipe in steps:
+            raise BenchError(f"--recipes: '{recipe}' is given twice")
+        torch.manual_seed(args.seed)
+        steps[recipe] = MethodStep(cfg, batch)
+    flops = {k: count_flops(s).total for k, s in steps.items()}
+    times = time_interleaved(steps, args.steps, args.warmup)
+    med = {k: summarize(v)["median"] for k, v in times.items()}
+    ref = args.recipes[0]
+    rows = {k: {"median_ms": round(1000 * med[k], 1), "time_ratio": round(med[k] / med[ref], 3),
+                "flop_ratio": round(flops[k] / flops[ref], 3),
+                "time_ratio_to_supervised": round(med[k] / med["supervised"], 3)} for k in args.recipes}
+    return {"reference": ref, "arch": args.arch, "batch": args.batch, "size": args.size, "steps": args.steps,
+            "warmup": args.warmup, "threads": args.threads, "overrides": list(args.overrides), "rows": rows,
+            "raw_times_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "environment": environment()}
+
+
+def report(res: dict[str, Any]) -> str:
+    head = f"{res['arch']}, batch {res['batch']}, {res['size']} px, {res['steps']} interleaved steps; ratios to " \
+           f"{res['reference']}"
+    table = markdown_table(["recipe", "median ms", "time ratio", "FLOP ratio", "time / supervised"],
+                           [[k, r["median_ms"], r["time_ratio"], r["flop_ratio"], r["time_ratio_to_supervised"]]
+                            for k, r in res["rows"].items()])
+    return f"{head}\n\n{table}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return script_main("method_step_ratio", parse_args(argv), run, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

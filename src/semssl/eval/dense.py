@@ -1,0 +1,582 @@
+"""Dense (segmentation) probe: a linear 1x1-conv head on frozen stage maps -> mIoU and pixel accuracy
+(DESIGN.md "Evaluation protocols"; the small-scale stand-in for DSC's VOC/Cityscapes FCN transfer).
+
+Protocol (``semssl eval dense``):
+
+1. every image and its class-index mask are resized to ``size x size`` (image: bilinear, antialiased, ImageNet
+   normalisation; mask: nearest) — Decision: the whole image, aspect not kept (SoCo's view 1 does the same), so
+   no pixel of the mask is cropped away;
+2. the frozen model's map of kind ``stage`` (``layer4`` by default; any kind ``Method.features`` offers, e.g.
+   DenseCL/DSC ``dense``) is computed once per image in eval mode and kept in memory (float32);
+3. Decision: each channel is standardised with the training split's mean and standard deviation over all
+   positions (a fixed affine map the head could absorb, but it makes one learning rate fit every model: a
+   random network's un-normalised features and a trained one's differ in scale by orders of magnitude);
+4. a ``Conv2d(C, K, 1)`` head is trained with Adam (lr ``lr`` 0.01, cosine to 0, ``epochs`` 50 passes over
+   the training split in random order); its logits are upsampled bilinearly (``align_corners=False``) to the
+   mask size and trained with cross-entropy, ``ignore_index`` pixels excluded. Decision: each step scores
+   ``pixels_per_image`` (1024) random pixels of each image, with exactly the upsampled logits there, instead of
+   all of them (an unbiased estimate of the full loss at a fraction of the cost; 0 = every pixel). The lr
+   matters little after step 3: a random ResNet-18's layer4 on 300 built-in scenes gave mIoU 9.4-10.0 for
+   lr 0.003-0.1;
+5. on the test split: ``dense_miou`` = mean over classes of TP / (TP + FP + FN), over the classes present in
+   the test masks or the predictions (as mmseg's nan-mean), and ``dense_pixel_acc``, in percent.
+
+Classes are the mask values found in the training and test masks other than ``ignore_index``, sorted and
+renumbered 0..K-1 (so COCO panoptic ids up to 200 give K = the number of classes present, not 201).
+
+Inputs (``--train`` / ``--test``):
+
+* ``synthetic:scenes`` — the built-in scenes (train split for ``--train``, test split for ``--test``;
+  ``synthetic:scenes:train`` / ``synthetic:scenes:test`` name one explicitly), generated with the run's
+  ``data.synthetic`` settings if missing;
+* a COCO JSON with segmentations (``*.json``): a semantic mask is drawn from the instance masks, background 0
+  and each object ``category index + 1`` (categories sorted by id), later annotations over earlier ones where
+  they overlap (drawing order). Crowd annotations are dropped by the source, so their pixels are background;
+* ``IMAGES_DIR:MASKS_DIR`` — every image under ``IMAGES_DIR`` with a class-index PNG of the same relative path
+  and stem under ``MASKS_DIR`` (single-channel ``L``/``P``/16-bit); images without a mask are skipped and
+  counted (``skipped_no_mask``). E.g. coco128's semantic masks (0 = unlabeled: use ``--ignore-index 0``)::
+
+      semssl eval dense --checkpoint RUN --ignore-index 0 \\
+          --train ../shared/data/coco128/images/train2017:../shared/data/coco128/semantic_segmentation/masks/train2017 \\
+          --test ../shared/data/coco128/images/val2017:../shared/data/coco128/semantic_segmentation/masks/val2017
+
+``--baselines`` also probes, with the same protocol, the random initialisation of the same architecture and
+seed (``random_init``: a run's method rebuilt from its config with the seed, as the pre-training's baseline;
+for ``--stage dense`` the random backbone's ``layer4``), the same with BatchNorm statistics re-estimated on the
+training images (``random_init_bn``) and the RGB values average-pooled to the evaluated map's resolution
+(``pixels``: the same 1x1 head on the colour at each location after the same downsampling), and writes
+``{"trained", "random_init", "random_init_bn", "pixels"}`` like a run's metrics.json (DESIGN.md: "beats random
+init" = beats the best of the three). ``--random-init --arch A`` probes the three baselines alone.
+
+Memory: the maps of both splits are held in memory as float32 (N x C x h x w: 1,000 images of ResNet-50 at
+224 px = 400 MB), fine for the small probe datasets it is meant for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from semssl.errors import ConfigError, DataError
+
+log = logging.getLogger("semssl.eval")
+
+HELP = "dense (segmentation) probe: linear 1x1-conv head on frozen stage maps -> mIoU, pixel accuracy"
+MASK_EXTENSION = ".png"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: images with class-index masks
+# --------------------------------------------------------------------------------------------------------------
+class SegmentationSource:
+    """Images with class-index masks: ``len()``, ``load(i) -> (PIL RGB image, int64 mask [H, W])``, ``skipped``
+    (pairs left out, by reason)."""
+
+    def __init__(self, location: str, count: int, load: Callable[[int], tuple[Image.Image, np.ndarray]],
+                 skipped: dict[str, int] | None = None) -> None:
+        self.location, self._count, self._load = location, count, load
+        self.skipped = skipped or {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        return self._load(index)
+
+
+def coco_semantic_mask(masks: Tensor, labels: Tensor, height: int, width: int) -> np.ndarray:
+    """Semantic mask of one image from its instance masks: 0 = background, ``label + 1`` for each object, in
+    annotation order so later objects are drawn over earlier ones.
+
+    Args:
+        masks: ``uint8 [N, H, W]`` 0/1 instance masks.
+        labels: ``int64 [N]`` category indices (0-based, categories sorted by id).
+    """
+    out = np.zeros((height, width), dtype=np.int64)
+    for mask, label in zip(masks.numpy(), labels.tolist()):
+        out[mask.astype(bool)] = int(label) + 1
+    return out
+
+
+def coco_segmentation(path: str, on_error: str = "skip") -> SegmentationSource:
+    """A COCO instances JSON with segmentations as images + semantic masks (:func:`coco_semantic_mask`)."""
+    from semssl.data.sources import CocoSource
+
+    source = CocoSource(path, load_masks=True, on_error=on_error)
+    if not source.load_masks:
+        raise DataError(f"'{path}': the COCO file has no segmentations, so it has no masks for the dense probe")
+
+    def load(index: int) -> tuple[Image.Image, np.ndarray]:
+        sample = source[index]
+        image = sample["image"]
+        return image, coco_semantic_mask(sample["masks"], sample["box_labels"], image.height, image.width)
+
+    return SegmentationSource(str(path), len(source), load)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A single-channel class-index PNG as ``int64 [H, W]`` (``P`` masks give their palette indices)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+                raise DataError(f"mask '{path}' has mode {img.mode}: expected a single-channel class-index PNG "
+                                f"(L, P or 16-bit), not a colour-coded one")
+            return np.asarray(img, dtype=np.int64)
+    except OSError as err:
+        raise DataError(f"cannot read mask '{path}': {err}") from err
+
+
+def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "skip") -> SegmentationSource:
+    """Every image under ``images_dir`` whose mask ``masks_dir/<relative path>.png`` exists."""
+    from semssl.data.sources import ImageFolderSource
+
+    source = ImageFolderSource(images_dir, labels=False, on_error=on_error)
+    masks_root = Path(masks_dir)
+    if not masks_root.is_dir():
+        raise DataError(f"masks folder '{masks_dir}' does not exist (expected IMAGES_DIR:MASKS_DIR)")
+    kept, masks, missing = [], [], 0
+    for path in source.paths:
+        mask = (masks_root / path.relative_to(source.root)).with_suffix(MASK_EXTENSION)
+        if mask.is_file():
+            kept.append(path)
+            masks.append(mask)
+        else:
+            missing += 1
+    if not kept:
+        raise DataError(f"no image of '{images_dir}' has a mask in '{masks_dir}' (looked for "
+                        f"<relative path>{MASK_EXTENSION})")
+    if missing:
+        log.warning("dense probe: %d image(s) of '%s' have no mask in '%s' and are left out", missing, images_dir,
+                    masks_dir)
+    source.paths, source.targets = kept, [-1] * len(kept)
+
+    def load(index: int) -> tuple[Image.Image, np.ndarray]:
+        sample = source[index]
+        image, mask = sample["image"], read_mask(masks[sample["index"]])
+        if mask.shape != (image.height, image.width):
+            raise DataError(f"mask '{masks[sample['index']]}' is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"'{kept[sample['index']]}' is {image.width}x{image.height}")
+        return image, mask
+
+    return SegmentationSource(f"{images_dir}:{masks_dir}", len(kept), load, {"skipped_no_mask": missing})
+
+
+def synthetic_scenes_json(split: str, cfg: Any = None) -> str:
+    """The annotations.json of the built-in scenes' ``split`` (generated if missing, with ``cfg.data.synthetic``
+    when a run config is given, else the defaults)."""
+    from semssl.config import Config
+    from semssl.data.synthetic.build import ensure_synthetic
+    from semssl.engine.data import synth_config
+
+    cfg = cfg if cfg is not None else Config()
+    root = ensure_synthetic(Path(cfg.data.synthetic.root) if cfg.data.synthetic.root else None, synth_config(cfg))
+    return str(root / "scenes" / split / "annotations.json")
+
+
+def segmentation_source(spec: str, split: str, cfg: Any = None, on_error: str = "skip") -> SegmentationSource:
+    """Parse a ``--train`` / ``--test`` value (module docstring): ``synthetic:scenes[:train|test]``, a COCO JSON,
+    or ``IMAGES_DIR:MASKS_DIR``. ``split`` (``train``/``test``) is the split a bare ``synthetic:scenes`` means."""
+    if spec.startswith("synthetic"):
+        parts = spec.split(":")
+        if parts[:2] != ["synthetic", "scenes"] or len(parts) > 3 or (len(parts) == 3 and parts[2] not in
+                                                                       ("train", "test")):
+            raise ConfigError(f"'{spec}': the built-in dense data is synthetic:scenes, synthetic:scenes:train or "
+                              f"synthetic:scenes:test")
+        return coco_segmentation(synthetic_scenes_json(parts[2] if len(parts) == 3 else split, cfg), on_error)
+    if spec.lower().endswith(".json"):
+        return coco_segmentation(spec, on_error)
+    parts = spec.split(":")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"'{spec}': expected synthetic:scenes, a COCO JSON with segmentations, or "
+                          f"IMAGES_DIR:MASKS_DIR (a folder of images and a folder of class-index PNG masks)")
+    return folder_pair_segmentation(parts[0], parts[1], on_error)
+
+
+class SegmentationDataset(Dataset):
+    """A :class:`SegmentationSource` resized to ``size x size``: ``{"image": [3, S, S] normalised, "mask":
+    int64 [S, S] raw values}``."""
+
+    def __init__(self, source: SegmentationSource, size: int) -> None:
+        self.source, self.size = source, size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image, mask = self.source.load(index)
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        x = F.interpolate(x[None].float() / 255, size=(self.size, self.size), mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+        m = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(self.size, self.size),
+                          mode="nearest-exact")[0, 0].long()
+        return {"image": (x - self.mean) / self.std, "mask": m}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DenseProbeConfig:
+    """Settings of the dense probe (module docstring)."""
+
+    stage: str = "layer4"
+    size: int = 128
+    epochs: int = 50
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    ignore_index: int = 255
+    pixels_per_image: int = 1024  # random pixels per image and step of the head's loss (0: all)
+    batch_size: int = 0  # head training batch; 0: as many images as keep the sampled logits <= 16M values
+    feature_batch_size: int = 64
+    num_workers: int = 2
+    seed: int = 0
+
+
+@torch.no_grad()
+def extract_maps(model: Any, dataset: Dataset, kind: str, branch: str | None = None, batch_size: int = 64,
+                 num_workers: int = 0, device: Any = "cpu") -> tuple[Tensor, Tensor]:
+    """``(maps [N, C, h, w] float32 on the CPU, masks [N, S, S] int64)`` of the whole dataset, in order, through
+    ``model.features(images, branch, kind)`` (the model is put in eval mode for the call and restored)."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    feats, masks = [], []
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+            fmap = model.features(batch["image"].to(device), branch=branch, kind=kind)
+            if fmap.dim() != 4:
+                raise ConfigError(f"--stage {kind}: the model's '{kind}' features are not a map "
+                                  f"(shape {tuple(fmap.shape)})")
+            feats.append(fmap.float().cpu())
+            masks.append(batch["mask"])
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return torch.cat(feats), torch.cat(masks)
+
+
+def class_index(train_masks: Tensor, test_masks: Tensor, ignore_index: int) -> tuple[list[int], Tensor, Tensor]:
+    """Renumber mask values: the values found in either split other than ``ignore_index``, sorted, become
+    0..K-1; ``ignore_index`` (and nothing else) becomes -1. Returns ``(values, train, test)``."""
+    values = sorted(set(torch.unique(train_masks).tolist()) | set(torch.unique(test_masks).tolist()))
+    values = [v for v in values if v != ignore_index]
+    if not values:
+        raise DataError("dense probe: every mask pixel is the ignore index; nothing to learn")
+    if min(values) < 0:
+        raise DataError(f"dense probe: negative mask values {min(values)} (class indices must be >= 0)")
+    lut = torch.full((max(max(values), max(ignore_index, 0)) + 1,), -1, dtype=torch.long)
+    lut[torch.tensor(values)] = torch.arange(len(values))
+    return values, lut[train_masks], lut[test_masks]
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``[K, K]`` counts, rows = ground truth, columns = prediction, over pixels with ``target >= 0``."""
+    valid = target >= 0
+    flat = target[valid] * num_classes + pred[valid]
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion: Tensor) -> dict[str, Any]:
+    """mIoU (mean over classes present in the ground truth or the predictions) and pixel accuracy, in percent,
+    and the per-class IoU (None for a class in neither)."""
+    conf = confusion.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    total = conf.sum()
+    return {"dense_miou": float(iou[present].mean() * 100) if present.any() else 0.0,
+            "dense_pixel_acc": float(tp.sum() / total * 100) if total > 0 else 0.0,
+            "per_class_iou": [None if math.isnan(v) else round(v * 100, 3) for v in iou.tolist()]}
+
+
+def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def upsampled_logits_at(logits: Tensor, ys: Tensor, xs: Tensor, size: tuple[int, int]) -> Tensor:
+    """The values at pixels ``(ys, xs)`` (``[B, P]`` each) of ``logits`` ``[B, K, h, w]`` upsampled bilinearly
+    (``align_corners=False``) to ``size``, without upsampling the whole map: ``[B, K, P]``. Equal to
+    ``F.interpolate(logits, size, mode="bilinear")[b, :, ys, xs]`` (``grid_sample`` at the output pixels' centres
+    with border padding is the same interpolation)."""
+    height, width = size
+    gx = (xs.float() + 0.5) / width * 2 - 1
+    gy = (ys.float() + 0.5) / height * 2 - 1
+    grid = torch.stack([gx, gy], dim=-1).unsqueeze(1)  # [B, 1, P, 2]
+    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0]
+
+
+def train_linear_head(feats: Tensor, masks: Tensor, num_classes: int, config: DenseProbeConfig) -> nn.Conv2d:
+    """The 1x1-conv head on standardised ``feats`` ``[N, C, h, w]`` for ``masks`` ``[N, S, S]`` (class indices,
+    -1 = ignored): Adam, cosine lr, cross-entropy of the logits upsampled bilinearly to the mask size.
+
+    Decision: each step evaluates the upsampled loss at ``pixels_per_image`` random pixels of each image (exactly
+    the upsampled logits there, :func:`upsampled_logits_at`) instead of all of them — an unbiased estimate of the
+    full-resolution loss at a fraction of the cost (0 = every pixel)."""
+    g = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    head = nn.Conv2d(feats.shape[1], num_classes, 1)
+    n, size = feats.shape[0], tuple(masks.shape[-2:])
+    pixels = size[0] * size[1]
+    per_image = config.pixels_per_image if 0 < config.pixels_per_image < pixels else pixels
+    bs = config.batch_size or max(1, min(64, (1 << 24) // (num_classes * per_image)))
+    steps_per_epoch = math.ceil(n / bs)
+    total = max(1, config.epochs * steps_per_epoch)
+    opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    flat_masks = masks.reshape(n, -1)
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            if per_image == pixels:
+                logits = F.interpolate(head(feats[idx]), size=size, mode="bilinear", align_corners=False)
+                target = masks[idx]
+            else:
+                pick = torch.randint(pixels, (len(idx), per_image), generator=g)
+                logits = upsampled_logits_at(head(feats[idx]), pick // size[1], pick % size[1], size)
+                target = flat_masks[idx].gather(1, pick)
+            if (target >= 0).any():
+                loss = F.cross_entropy(logits, target, ignore_index=-1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+    return head
+
+
+@torch.no_grad()
+def predict(head: nn.Conv2d, feats: Tensor, size: tuple[int, int], batch_size: int = 16) -> Tensor:
+    """``[N, S, S]`` argmax class of the upsampled logits."""
+    out = []
+    for i in range(0, feats.shape[0], batch_size):
+        logits = F.interpolate(head(feats[i:i + batch_size]), size=size, mode="bilinear", align_corners=False)
+        out.append(logits.argmax(dim=1))
+    return torch.cat(out)
+
+
+def probe_maps(train_feats: Tensor, train_masks: Tensor, test_feats: Tensor, test_masks: Tensor,
+               config: DenseProbeConfig) -> dict[str, Any]:
+    """The probe on pre-computed maps and raw masks: renumber classes, standardise, train, score the test split."""
+    values, train_y, test_y = class_index(train_masks, test_masks, config.ignore_index)
+    train_x, test_x = _standardise(train_feats, test_feats)
+    head = train_linear_head(train_x, train_y, len(values), config)
+    pred = predict(head, test_x, tuple(test_y.shape[-2:]))
+    res = segmentation_scores(confusion_matrix(pred, test_y, len(values)))
+    res.update(num_classes=len(values), class_values=values, feature_shape=list(train_feats.shape[1:]),
+               train_images=int(train_feats.shape[0]), test_images=int(test_feats.shape[0]))
+    return res
+
+
+def dense_probe(model: Any, train: Dataset, test: Dataset, config: DenseProbeConfig, branch: str | None = None,
+                device: Any = "cpu") -> dict[str, Any]:
+    """Probe ``model`` (anything with ``features(images, branch, kind)`` returning maps) on two
+    :class:`SegmentationDataset` splits; returns ``dense_miou``, ``dense_pixel_acc`` (percent) and details."""
+    kw = {"kind": config.stage, "branch": branch, "batch_size": config.feature_batch_size,
+          "num_workers": config.num_workers, "device": device}
+    train_x, train_m = extract_maps(model, train, **kw)
+    test_x, test_m = extract_maps(model, test, **kw)
+    return probe_maps(train_x, train_m, test_x, test_m, config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------------------
+class PixelMaps(nn.Module):
+    """The ``pixels`` baseline as a model: the (normalised) RGB values average-pooled to ``grid`` (the evaluated
+    stage map's size), so the same 1x1 head sees the colour at each location after the same downsampling."""
+
+    def __init__(self, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = tuple(grid)
+
+    def features(self, images: Tensor, branch: str | None = None, kind: str = "layer4") -> Tensor:
+        return F.adaptive_avg_pool2d(images, self.grid)
+
+
+@torch.no_grad()
+def reestimate_bn(backbone: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0,
+                  device: Any = "cpu") -> nn.Module:
+    """A copy of ``backbone`` whose BatchNorm running statistics are re-estimated (cumulative average, plain
+    BatchNorm over each batch) on every image of ``dataset``; in eval mode."""
+    backbone = copy.deepcopy(backbone)
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+            if hasattr(module, "num_splits"):
+                module.num_splits = 1
+    backbone.train()
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        backbone(batch["image"].to(device))
+    return backbone.eval()
+
+
+def random_backbone(cfg: Any, model: Any, seed: int) -> nn.Module:
+    """The random initialisation of the evaluated architecture with ``seed``: the run's method rebuilt from its
+    config (its default branch's backbone, as the pre-training's ``random_init``), or, for a plain backbone, a
+    ResNet of the same depth, stem and width."""
+    torch.manual_seed(seed)
+    if cfg is not None and getattr(cfg, "method", None) is not None:
+        from semssl.methods import build_method
+
+        method = build_method(cfg)
+        return method.backbone_for(method.resolve_branch())
+    backbone = model.backbone_for(None)
+    return _resnet(backbone.arch, backbone.small_input, getattr(backbone, "width", 64))
+
+
+def _resnet(arch: str, small_input: bool, width: int) -> nn.Module:
+    from semssl.models.backbones import ResNetBackbone
+
+    return ResNetBackbone(arch, small_input=small_input, **({"width": width} if width != 64 else {}))
+
+
+def baseline_probes(random_net: nn.Module, train: Dataset, test: Dataset, config: DenseProbeConfig,
+                    grid: tuple[int, int] | None = None) -> dict[str, dict]:
+    """``{"random_init", "random_init_bn", "pixels"}`` (DESIGN.md "Small scale"): the probe on the random
+    network as it is, on a copy with BatchNorm statistics re-estimated on the training images, and on the RGB
+    values pooled to ``grid`` (default: the random network's map size)."""
+    from semssl.models.backbones import BackboneModel
+
+    out = {"random_init": dense_probe(BackboneModel(random_net.eval()), train, test, config)}
+    recal = reestimate_bn(random_net, train, config.feature_batch_size, config.num_workers)
+    out["random_init_bn"] = dense_probe(BackboneModel(recal), train, test, config)
+    h, w = grid or out["random_init"]["feature_shape"][1:]
+    out["pixels"] = dense_probe(PixelMaps((h, w)), train, test, config)
+    return out
+
+
+def dense_baselines(model: Any, cfg: Any, train: Dataset, test: Dataset, config: DenseProbeConfig,
+                    branch: str | None = None, seed: int = 0) -> dict[str, dict]:
+    """``{"trained", "random_init", "random_init_bn", "pixels"}``: the probe on ``model`` and on the baselines of
+    its architecture and ``seed`` (the random network's stage of the same name; pixels at the model's map size).
+    """
+    from semssl.models.backbones import STAGES
+
+    out = {"trained": dense_probe(model, train, test, config, branch)}
+    grid = tuple(out["trained"]["feature_shape"][1:])
+    if config.stage not in STAGES:  # e.g. DenseCL's "dense" map: compare with the random backbone's layer4
+        log.warning("--baselines: the random network has no '%s' map; its layer4 is probed", config.stage)
+        config = DenseProbeConfig(**{**asdict(config), "stage": "layer4"})
+    out.update(baseline_probes(random_backbone(cfg, model, seed), train, test, config, grid))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: semssl eval dense
+# --------------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
+    p.add_argument("--random-init", action="store_true",
+                   help="probe the random-init baselines of --arch instead (random_init, random_init_bn, pixels)")
+    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
+                   help="architecture of a plain state_dict / random init (inferred from the keys if omitted)")
+    p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
+    p.add_argument("--width", type=int, default=64, help="random init only: ResNet base width (64 = torchvision's)")
+    p.add_argument("--branch", choices=["online", "teacher"], help="which network of a semssl checkpoint")
+    p.add_argument("--train", required=True,
+                   help="training split: synthetic:scenes, a COCO JSON with segmentations, or IMAGES_DIR:MASKS_DIR")
+    p.add_argument("--test", required=True, help="evaluated split (same forms as --train)")
+    p.add_argument("--stage", default="layer4",
+                   help="feature map probed: layer1..layer4, or a method's map kind (DenseCL/DSC: dense)")
+    p.add_argument("--size", type=int, default=128, help="images and masks resized to SIZE x SIZE (default 128)")
+    p.add_argument("--epochs", type=int, default=50, help="passes of the head over the training split (50)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the head (0.01, cosine to 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and scores "
+                                                                 "(coco128 semantic masks: 0 = unlabeled)")
+    p.add_argument("--pixels-per-image", type=int, default=1024,
+                   help="random pixels per image in each step of the head's loss (default 1024; 0: all)")
+    p.add_argument("--head-batch-size", type=int, default=0, help="images per head step (0: automatic)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the head's training (and of --random-init; a run's baselines use its own seed)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also probe random_init, random_init_bn and pixels (written next to 'trained')")
+    p.add_argument("--out", help="write the result as JSON here")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, dict, Any]:
+    """The checkpoint's model (eval mode), its info and its run config (None for a plain state_dict)."""
+    from semssl.engine.checkpoint import load_model
+
+    if not args.checkpoint:
+        raise ConfigError("semssl eval dense: give --checkpoint (a run folder, a .ckpt, or a torchvision "
+                          "state_dict) or --random-init")
+    model, info, cfg = load_model(args.checkpoint, arch=args.arch)
+    info["branch"] = model.resolve_branch(args.branch)
+    if args.stage == "pooled" or args.stage not in model.feature_kinds:
+        raise ConfigError(f"--stage {args.stage}: this model's maps are "
+                          f"{[k for k in model.feature_kinds if k != 'pooled']}")
+    return model, info, cfg
+
+
+def _print(title: str, results: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("model", "mIoU %", "pixel acc %", "classes", "map", "train / test images"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['dense_miou']:.2f}", f"{r['dense_pixel_acc']:.2f}", str(r["num_classes"]),
+                      "x".join(str(v) for v in r["feature_shape"]), f"{r['train_images']} / {r['test_images']}")
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``semssl eval dense``: the probe on a checkpoint (``trained``; with ``--baselines`` also the three
+    random-init baselines of its architecture), or with ``--random-init`` on the baselines alone."""
+    if args.random_init:
+        model, info, cfg = None, {"source": "random init", "arch": args.arch or "resnet50",
+                                  "small_input": args.small_input, "width": args.width, "seed": args.seed}, None
+        if args.stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ConfigError(f"--stage {args.stage}: a random backbone has layer1..layer4")
+    else:
+        model, info, cfg = _load(args)
+    config = DenseProbeConfig(stage=args.stage, size=args.size, epochs=args.epochs, lr=args.lr,
+                              weight_decay=args.weight_decay, ignore_index=args.ignore_index,
+                              pixels_per_image=args.pixels_per_image, batch_size=args.head_batch_size,
+                              feature_batch_size=args.batch_size,
+                              num_workers=args.workers, seed=args.seed)
+    on_error = cfg.data.on_error if cfg is not None else "skip"
+    train_src = segmentation_source(args.train, "train", cfg, on_error)
+    test_src = segmentation_source(args.test, "test", cfg, on_error)
+    train, test = SegmentationDataset(train_src, args.size), SegmentationDataset(test_src, args.size)
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        res = baseline_probes(_resnet(info["arch"], args.small_input, args.width), train, test, config)
+    elif args.baselines:
+        seed = cfg.trainer.seed if cfg is not None else args.seed  # a run's random init: its own seed
+        res = dense_baselines(model, cfg, train, test, config, branch=args.branch, seed=seed)
+    else:
+        res = {"trained": dense_probe(model, train, test, config, branch=args.branch)}
+    _print(f"dense probe ({info['source']}, {args.stage}, {args.size} px)", res)
+    if args.out:
+        payload = {**res, "model": info, "train": args.train, "test": args.test, "protocol": asdict(config),
+                   "skipped": {"train": train_src.skipped, "test": test_src.skipped}}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2, default=float))
+        print(f"wrote {args.out}")
+    return 0

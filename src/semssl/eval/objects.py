@@ -1,0 +1,557 @@
+"""Object-level kNN (O-KNN) and disturbed O-KNN (D3SSL, METHODS.md §5.3; DESIGN.md "Decisions" -> "O-KNN").
+
+Protocol:
+
+* every image of a COCO-style split is brought to ``size`` x ``size`` (:func:`letterbox`) and its ground-truth
+  boxes scaled with it; the objects whose box has both sides >= ``min_side`` (16 px) *at that resolution* are
+  kept (:func:`select_objects`) — all of them: the memory is every kept object of the train split, the queries
+  every kept object of the test split (DESIGN.md; the paper's "N objects per image" is not given);
+* object feature = RoIAlign 7x7 of the box on the last stage map (``model.features(images, branch,
+  kind="layer4")``), average-pooled (:func:`roi_features`);
+* weighted kNN of :func:`semssl.eval.knn.knn_evaluate` (cosine, k 20, votes exp(s/0.07)); top-1 / top-5 in
+  percent, keys ``oknn_top1`` / ``oknn_top5``;
+* disturbed O-KNN: the same, but every pixel outside the selected boxes of an image is replaced by the pixel at
+  the same place of another image of the same split (:func:`disturb`, :func:`partner_indices`); keys
+  ``oknn_disturbed_top1`` / ``oknn_disturbed_top5``.
+
+Random-init baselines (DESIGN.md "Small scale", issue 12): ``random_init``, ``random_init_bn`` (BatchNorm
+statistics re-estimated on the train split's images at the evaluated resolution) and ``pixels``
+(:class:`ObjectPixels`: RoIAlign 7x7 of the image itself, flattened, centred by the memory's mean, L2-normalised).
+
+Everything goes through ``model.features(images, branch, kind)``, so any :class:`~semssl.methods.Method` and a
+:class:`~semssl.models.backbones.BackboneModel` (plain state_dict or random init) are evaluated alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+
+from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from semssl.data.sources.coco import CocoSource
+from semssl.errors import ConfigError, DataError
+from semssl.eval.features import EvalInputError
+from semssl.eval.knn import knn_evaluate
+
+__all__ = [
+    "ObjectPixels",
+    "ObjectsConfig",
+    "SceneObjects",
+    "box_mask",
+    "disturb",
+    "evaluate_objects",
+    "extract_object_features",
+    "letterbox",
+    "normalize",
+    "object_baselines",
+    "oknn",
+    "open_coco",
+    "partner_indices",
+    "roi_features",
+    "scale_boxes",
+    "select_objects",
+    "stage_stride",
+]
+
+log = logging.getLogger("semssl.eval")
+
+RESIZE_MODES = ("pad", "stretch")
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def normalize(image: Tensor) -> Tensor:
+    """``[..., 3, H, W]`` in [0, 1] -> ImageNet-normalised (the networks' input convention)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def letterbox(image: Image.Image, size: int, mode: str = "pad") -> tuple[Tensor, tuple[float, float]]:
+    """The image as a normalised ``[3, size, size]`` tensor and the (sx, sy) factors that map its boxes.
+
+    ``pad`` (default): keep the aspect ratio — the longer side becomes ``size`` (bicubic, as the evaluation
+    transform), the image sits at the top-left corner and the rest is 0 *after* normalisation (the mean colour),
+    as torchvision's detection transform pads its batches. ``stretch``: resize to ``size`` x ``size``.
+
+    Decision (an open point of the paper): ``pad`` keeps the objects' shapes, which object classification
+    depends on; scene images are rarely square (COCO 4:3). The factors are those of the actual resized image
+    (after rounding), so scaled boxes stay on the pixels they covered.
+    """
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"resize: expected one of {RESIZE_MODES}, got {mode!r}")
+    if size < 1:
+        raise ConfigError(f"size: expected a positive int, got {size!r}")
+    image = image.convert("RGB")
+    width, height = image.size
+    if mode == "stretch":
+        new_w, new_h = size, size
+    else:
+        scale = size / max(width, height)
+        new_w, new_h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+    resized = image.resize((new_w, new_h), Image.BICUBIC) if (new_w, new_h) != (width, height) else image
+    pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(new_h, new_w, 3)
+    tensor = normalize(pixels.permute(2, 0, 1).float() / 255.0)
+    canvas = torch.zeros(3, size, size)
+    canvas[:, :new_h, :new_w] = tensor
+    return canvas, (new_w / width, new_h / height)
+
+
+def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
+    """``[N, 4]`` (x1, y1, x2, y2) boxes scaled by (sx, sy) (float32)."""
+    factors = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+    return boxes.float().reshape(-1, 4) * factors
+
+
+def select_objects(boxes: Tensor, labels: Tensor, min_side: float = 16.0) -> tuple[Tensor, Tensor]:
+    """The boxes (and their labels) whose width *and* height are >= ``min_side`` pixels (DESIGN.md: 16 px at the
+    evaluated resolution)."""
+    boxes = boxes.reshape(-1, 4)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= min_side) & ((boxes[:, 3] - boxes[:, 1]) >= min_side)
+    return boxes[keep], labels.reshape(-1)[keep]
+
+
+def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``bool [height, width]``: True on every pixel a box touches (union over ``boxes`` ``[N, 4]``).
+
+    Decision: pixel column i (covering [i, i+1)) belongs to a box [x1, x2) when floor(x1) <= i < ceil(x2), and
+    likewise for rows — a pixel partly covered by a box counts as inside, so no pixel of an object is replaced
+    by the disturbing image.
+    """
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes.reshape(-1, 4).tolist():
+        c1, c2 = max(0, math.floor(x1)), min(width, math.ceil(x2))
+        r1, r2 = max(0, math.floor(y1)), min(height, math.ceil(y2))
+        if c2 > c1 and r2 > r1:
+            mask[r1:r2, c1:c2] = True
+    return mask
+
+
+def disturb(image: Tensor, other: Tensor, boxes: Tensor) -> Tensor:
+    """Disturbed O-KNN's input: ``image`` ``[C, H, W]`` inside the boxes (:func:`box_mask`), ``other`` (another
+    image of the same split, same size and normalisation) everywhere else."""
+    if image.shape != other.shape:
+        raise EvalInputError(f"disturb: image {tuple(image.shape)} and other {tuple(other.shape)} differ in shape")
+    mask = box_mask(boxes, image.shape[-2], image.shape[-1])
+    return torch.where(mask, image, other)
+
+
+def partner_indices(n: int, seed: int = 0) -> Tensor:
+    """For each of ``n`` images, the index of the image that replaces its background: (i + o_i) mod n with o_i
+    uniform in [1, n-1] from a generator seeded with ``seed`` — deterministic, and never the image itself."""
+    if n < 2:
+        raise DataError(f"disturbed O-KNN needs at least 2 images in a split, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(1, n, (n,), generator=generator)
+    return (torch.arange(n) + offsets) % n
+
+
+def stage_stride(image_size: int, map_size: int) -> float:
+    """The stride of a stage map: the power of two nearest to image/map.
+
+    Decision: a ResNet stage's true stride is a power of two (4, 8, 16, 32; a quarter of those with the
+    small-input stem) even when the input is not a multiple of it: at 100 px layer4 is 4x4 (ratio 25, stride 32)
+    and layer2 13x13 (ratio 7.7, stride 8). Models whose maps are not a power-of-two subsampling (e.g. ViTs with
+    14 px patches) are outside this rule.
+    """
+    if map_size < 1 or image_size < 1:
+        raise EvalInputError(f"stage_stride: image size {image_size} and map size {map_size} must be positive")
+    return float(2 ** round(math.log2(image_size / map_size)))
+
+
+def roi_features(feature_map: Tensor, boxes: Sequence[Tensor], image_size: tuple[int, int],
+                 output_size: int = 7, pool: str = "avg") -> Tensor:
+    """Region features of ``boxes`` (per image ``[K_i, 4]`` in input pixels) on ``feature_map`` ``[B, C, h, w]``.
+
+    RoIAlign ``output_size`` x ``output_size`` (torchvision, ``aligned=True``, adaptive sampling ratio as
+    Detectron2's ROIAlign, spatial scale 1/stride with the stride of :func:`stage_stride`), then ``avg``: the
+    mean over the bins -> ``[sum K_i, C]``, or ``flatten`` -> ``[sum K_i, C * output_size**2]`` (the pixel
+    baseline). Rows follow the images, then the boxes within an image. float32.
+
+    Note: RoIAlign samples bilinearly, so a bin next to a box edge reads up to half a map cell beyond it unless
+    its sampling points fall on cell centres (box edges on the cell grid and a box width of a multiple of
+    ``output_size`` cells); coupling and positional measures on deep stages include that reach.
+    """
+    if pool not in ("avg", "flatten"):
+        raise ConfigError(f"pool: expected 'avg' or 'flatten', got {pool!r}")
+    if feature_map.dim() != 4 or len(boxes) != feature_map.shape[0]:
+        raise EvalInputError(f"roi_features: expected a [B, C, h, w] map and B box tensors, got map "
+                             f"{tuple(feature_map.shape)} and {len(boxes)} box tensors")
+    stride_y = stage_stride(image_size[0], feature_map.shape[-2])
+    stride_x = stage_stride(image_size[1], feature_map.shape[-1])
+    if stride_x != stride_y:
+        raise EvalInputError(f"roi_features: the map {tuple(feature_map.shape[-2:])} has strides {stride_y} x "
+                             f"{stride_x} on a {image_size} image; expected one stride")
+    fmap = feature_map.float()
+    rois = roi_align(fmap, [b.to(fmap.device, torch.float32).reshape(-1, 4) for b in boxes], output_size,
+                     spatial_scale=1.0 / stride_x, sampling_ratio=-1, aligned=True)
+    return rois.mean(dim=(2, 3)) if pool == "avg" else rois.flatten(1)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def open_coco(path: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None = None) -> CocoSource:
+    """A :class:`CocoSource` (boxes only, no masks) from a COCO JSON or a folder holding one.
+
+    A folder is read through its ``annotations.json`` (the built-in scenes' layout), else its only ``*.json``.
+    When the images folder is not given and :class:`CocoSource` cannot find it, every ``_``-separated part of
+    the JSON's name is tried as the split folder (``instances_val2017_boxes.json`` -> ``../images/val2017``,
+    coco128's layout).
+    """
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "annotations.json"] if (p / "annotations.json").is_file() else sorted(p.glob("*.json"))
+        if len(candidates) != 1:
+            raise DataError(f"'{p}': expected a COCO JSON or a folder with annotations.json or exactly one .json "
+                            f"file, found {[c.name for c in candidates]}")
+        p = candidates[0]
+    try:
+        return CocoSource(p, images_dir=images_dir, load_masks=False)
+    except DataError as err:
+        if images_dir is not None or "cannot find the images" not in str(err):
+            raise
+        for part in p.stem.split("_"):
+            for folder in (p.parent.parent / "images" / part, p.parent.parent / part, p.parent / part):
+                if folder.is_dir():
+                    try:
+                        return CocoSource(p, images_dir=folder, load_masks=False)
+                    except DataError:
+                        continue
+        raise
+
+
+def category_map(memory_names: Sequence[str], query_names: Sequence[str]) -> dict[int, int]:
+    """Query category index -> memory category index, matched by name; a name the memory lacks gets a new index
+    after the memory's (its objects can never be classified right, and count as errors)."""
+    index = {name: i for i, name in enumerate(memory_names)}
+    out, extra = {}, len(memory_names)
+    for i, name in enumerate(query_names):
+        if name not in index:
+            index[name] = extra
+            extra += 1
+        out[i] = index[name]
+    return out
+
+
+class SceneObjects(Dataset):
+    """A COCO-style source at the evaluated resolution, with its selected objects.
+
+    Item: ``image`` (normalised ``[3, size, size]``; disturbed when ``partners`` is given), ``boxes``
+    ``[K, 4]`` (the selected objects, evaluated-resolution pixels), ``labels`` ``[K]`` (category index, mapped
+    by ``label_map``), ``index``, ``skipped`` (True when the source could not decode this image: it then
+    contributes nothing; the source logs it).
+    """
+
+    def __init__(self, source: CocoSource, size: int, resize: str = "pad", min_side: float = 16.0,
+                 partners: Tensor | None = None, label_map: dict[int, int] | None = None) -> None:
+        self.source, self.size, self.resize, self.min_side = source, size, resize, min_side
+        self.partners, self.label_map = partners, label_map
+        if partners is not None and len(partners) != len(source):
+            raise EvalInputError(f"partners: {len(partners)} entries for {len(source)} images")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, index: int) -> tuple[Tensor | None, dict | None]:
+        sample = self.source[index]
+        if sample["index"] != index:  # the source served the next good image instead of a bad one
+            return None, None
+        image, (sx, sy) = letterbox(sample["image"], self.size, self.resize)
+        return image, {"boxes": scale_boxes(sample["boxes"], sx, sy), "labels": sample["box_labels"]}
+
+    def __getitem__(self, index: int) -> dict:
+        image, ann = self._load(index)
+        if image is None:
+            return {"image": torch.zeros(3, self.size, self.size), "boxes": torch.zeros(0, 4),
+                    "labels": torch.zeros(0, dtype=torch.int64), "index": index, "skipped": True}
+        boxes, labels = select_objects(ann["boxes"], ann["labels"], self.min_side)
+        if self.label_map is not None:
+            labels = torch.tensor([self.label_map[int(v)] for v in labels], dtype=torch.int64)
+        if self.partners is not None:
+            other, _ = self._load(int(self.partners[index]))
+            if other is None:  # an undecodable partner: use the mean colour (0) as the replacing image
+                other = torch.zeros_like(image)
+            image = disturb(image, other, boxes)
+        return {"image": image, "boxes": boxes, "labels": labels, "index": index, "skipped": False}
+
+
+def collate_objects(items: list[dict]) -> dict:
+    """Stack images; keep boxes as a list (one ``[K_i, 4]`` per image); concatenate labels."""
+    return {"image": torch.stack([it["image"] for it in items]), "boxes": [it["boxes"] for it in items],
+            "labels": torch.cat([it["labels"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items]),
+            "skipped": sum(bool(it["skipped"]) for it in items)}
+
+
+def scene_loader(dataset: SceneObjects, batch_size: int = 32, workers: int = 0) -> DataLoader:
+    """The dataset in order, batched by :func:`collate_objects`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_objects)
+
+
+# ------------------------------------------------------------------------------------------------ models
+class ObjectPixels(nn.Module):
+    """The raw-pixel O-KNN baseline (issue 12): RoIAlign 7x7 of the (normalised) image itself, flattened
+    (``object_pool = "flatten"``), centred by the memory objects' mean and L2-normalised (``center_objects``).
+
+    Decision: "raw RGB" is read as the image the networks see (ImageNet-normalised): a per-channel affine map
+    of the RGB values, as the image-level :class:`~semssl.eval.evaluate.PixelModel` does.
+    """
+
+    branches = ("online",)
+    default_branch = "online"
+    feature_kinds = ("layer4",)
+    object_pool = "flatten"
+    center_objects = True
+
+    def resolve_branch(self, branch: str | None = None) -> str:
+        if branch not in (None, "online"):
+            raise ConfigError(f"branch '{branch}': the pixel baseline has only the 'online' branch")
+        return "online"
+
+    @torch.no_grad()
+    def features(self, images: Tensor, branch: str | None = None, kind: str = "layer4") -> Tensor:
+        self.resolve_branch(branch)
+        return images
+
+
+@torch.no_grad()
+def extract_object_features(model: nn.Module, loader: DataLoader, branch: str | None = None,
+                            kind: str = "layer4", output_size: int = 7,
+                            device: Any = "cpu") -> tuple[Tensor, Tensor, int]:
+    """(object features ``[N, D]`` float32 on CPU, labels ``[N]``, skipped images) of every selected object of
+    ``loader`` (:func:`scene_loader`), in dataset order. ``model`` is run in eval mode and its mode restored."""
+    pool = getattr(model, "object_pool", "avg")
+    was_training = model.training
+    model.eval()
+    feats, labels, skipped = [], [], 0
+    try:
+        for batch in loader:
+            skipped += batch["skipped"]
+            if sum(len(b) for b in batch["boxes"]) == 0:
+                continue
+            images = batch["image"].to(device)
+            fmap = model.features(images, branch=branch, kind=kind)
+            feats.append(roi_features(fmap, batch["boxes"], tuple(images.shape[-2:]), output_size, pool).cpu())
+            labels.append(batch["labels"])
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise EvalInputError(f"no object of the split passes the size filter (both box sides >= "
+                             f"{loader.dataset.min_side} px at {loader.dataset.size} px)")
+    return torch.cat(feats), torch.cat(labels), skipped
+
+
+def oknn(memory: Tensor, memory_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
+         temperature: float = 0.07, prefix: str = "oknn") -> dict[str, float]:
+    """Weighted kNN (:func:`~semssl.eval.knn.knn_evaluate`) of object features: ``{prefix}_top1``,
+    ``{prefix}_top5`` in percent."""
+    res = knn_evaluate(memory, memory_labels, queries, query_labels, ks=(k,), temperature=temperature)
+    return {f"{prefix}_top1": res["knn_top1"], f"{prefix}_top5": res["knn_top5"]}
+
+
+@dataclass
+class ObjectsConfig:
+    """Settings of :func:`evaluate_objects` (defaults = DESIGN.md's O-KNN protocol at the paper's 224 px)."""
+
+    size: int = 224
+    resize: str = "pad"
+    min_side: float = 16.0
+    k: int = 20
+    temperature: float = 0.07
+    output_size: int = 7
+    kind: str = "layer4"
+    disturbed: bool = False
+    #: which splits get disturbed: ``both`` (default: "the feature extraction pipeline is kept the same", so the
+    #: memory too) or ``test`` (queries only, against a clean memory)
+    disturb: str = "both"
+    seed: int = 0
+    batch_size: int = 32
+    workers: int = 0
+
+
+def _datasets(train: CocoSource, test: CocoSource, cfg: ObjectsConfig,
+              disturbed: bool) -> tuple[SceneObjects, SceneObjects]:
+    label_map = category_map(train.categories, test.categories)
+    memory_partners = partner_indices(len(train), cfg.seed) if disturbed and cfg.disturb == "both" else None
+    query_partners = partner_indices(len(test), cfg.seed + 1) if disturbed else None
+    return (SceneObjects(train, cfg.size, cfg.resize, cfg.min_side, memory_partners),
+            SceneObjects(test, cfg.size, cfg.resize, cfg.min_side, query_partners, label_map))
+
+
+def _run(model: nn.Module, train: CocoSource, test: CocoSource, cfg: ObjectsConfig, disturbed: bool,
+         branch: str | None, device: Any) -> tuple[dict[str, float], dict[str, int]]:
+    memory_set, query_set = _datasets(train, test, cfg, disturbed)
+    memory, memory_labels, skipped_m = extract_object_features(
+        model, scene_loader(memory_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device)
+    queries, query_labels, skipped_q = extract_object_features(
+        model, scene_loader(query_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device)
+    if getattr(model, "center_objects", False):
+        mean = memory.double().mean(0).float()
+        memory, queries = memory - mean, queries - mean
+    prefix = "oknn_disturbed" if disturbed else "oknn"
+    counts = {"n_memory": memory.shape[0], "n_queries": queries.shape[0], "skipped_images": skipped_m + skipped_q,
+              "n_classes_memory": int(memory_labels.unique().numel()),
+              "n_classes_queries": int(query_labels.unique().numel())}
+    return oknn(memory, memory_labels, queries, query_labels, cfg.k, cfg.temperature, prefix), counts
+
+
+def evaluate_objects(model: nn.Module, train: CocoSource, test: CocoSource, cfg: ObjectsConfig | None = None,
+                     branch: str | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """O-KNN of ``model`` with the train split's objects as memory and the test split's as queries; with
+    ``cfg.disturbed`` also disturbed O-KNN. Returns ``oknn_top1``, ``oknn_top5`` (and ``oknn_disturbed_top1``,
+    ``oknn_disturbed_top5``), the object counts and the protocol's settings."""
+    cfg = cfg or ObjectsConfig()
+    if cfg.disturb not in ("both", "test"):
+        raise ConfigError(f"disturb: expected 'both' or 'test', got {cfg.disturb!r}")
+    out, counts = _run(model, train, test, cfg, False, branch, device)
+    if cfg.disturbed:
+        disturbed, _ = _run(model, train, test, cfg, True, branch, device)
+        out.update(disturbed)
+    if counts["skipped_images"]:
+        log.warning("O-KNN: %d undecodable image(s) skipped", counts["skipped_images"])
+    return {**out, **counts, "k": cfg.k, "temperature": cfg.temperature, "size": cfg.size, "resize": cfg.resize,
+            "min_side": cfg.min_side, "roi": f"RoIAlign {cfg.output_size}x{cfg.output_size} on {cfg.kind}",
+            **({"disturb": cfg.disturb, "seed": cfg.seed} if cfg.disturbed else {})}
+
+
+def object_baselines(random_model: nn.Module, train: CocoSource, cfg: ObjectsConfig, kind: str = "layer4",
+                     device: Any = "cpu") -> dict[str, nn.Module]:
+    """The three O-KNN random-init baselines: ``random_init`` (``random_model`` itself), ``random_init_bn`` (a copy
+    with BatchNorm statistics re-estimated on the train split's clean images at the evaluated resolution, through
+    ``features(kind)``) and ``pixels`` (:class:`ObjectPixels`)."""
+    from semssl.eval.evaluate import reestimate_bn
+
+    loader = scene_loader(SceneObjects(train, cfg.size, cfg.resize, cfg.min_side), cfg.batch_size, cfg.workers)
+    return {"random_init": random_model.to(device).eval(),
+            "random_init_bn": reestimate_bn(random_model, loader, kind=kind, device=device),
+            "pixels": ObjectPixels().eval()}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+HELP = "object-level kNN (O-KNN) and disturbed O-KNN on COCO-style ground-truth boxes (D3SSL)"
+
+
+def add_model_arguments(parser: Any) -> None:
+    """The model options ``semssl eval objects`` and ``semssl eval bias`` share."""
+    parser.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict")
+    parser.add_argument("--random-init", action="store_true",
+                        help="evaluate the random-init baselines instead (the random backbone as it is, and with "
+                             "BatchNorm statistics re-estimated on the data)")
+    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
+                        help="architecture of a plain state_dict / random init (default resnet50 for random init)")
+    parser.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
+    parser.add_argument("--width", type=int, default=64, help="random init only: ResNet base width")
+    parser.add_argument("--branch", choices=["online", "teacher"],
+                        help="which network of a semssl checkpoint (default: the method's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random init's seed, and the seed of every random choice of the protocol")
+    parser.add_argument("--out", help="write the result as JSON here")
+
+
+def add_arguments(parser: Any) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--train", required=True,
+                        help="COCO JSON (or a folder holding annotations.json) whose objects are the memory")
+    parser.add_argument("--test", required=True, help="COCO JSON (or folder) whose objects are the queries")
+    parser.add_argument("--train-images", help="images folder of --train (found next to the JSON if omitted)")
+    parser.add_argument("--test-images", help="images folder of --test (found next to the JSON if omitted)")
+    parser.add_argument("--size", type=int, default=224, help="evaluated resolution (square canvas; default 224)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="pad",
+                        help="pad: keep the aspect ratio, longer side = size, pad with the mean colour "
+                             "(default); stretch: resize to size x size")
+    parser.add_argument("--min-side", type=float, default=16.0,
+                        help="objects whose box has both sides >= this many pixels at the evaluated size are used")
+    parser.add_argument("--disturbed", action="store_true",
+                        help="also disturbed O-KNN: pixels outside the selected boxes replaced by another image")
+    parser.add_argument("--disturb", choices=["both", "test"], default="both",
+                        help="disturbed O-KNN: disturb memory and queries (default) or the queries only")
+    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+
+
+def models_for_eval(args: Any, calibrate: Any) -> tuple[dict[str, tuple[nn.Module, dict]], Any | None]:
+    """``{name: (model, info)}``: a checkpoint's model under ``model``, or with ``--random-init`` the baselines
+    ``calibrate(random_model)`` builds (``{name: model}``); and the checkpoint's config (None otherwise)."""
+    if not args.random_init:
+        from semssl.engine.checkpoint import load_model
+
+        if not args.checkpoint:
+            raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
+                             " or --random-init")
+        model, info, cfg = load_model(args.checkpoint, arch=args.arch)
+        info["branch"] = model.resolve_branch(args.branch)
+        return {"model": (model, info)}, cfg
+    from semssl.eval.evaluate import BASELINE_LABELS
+    from semssl.models.backbones import BackboneModel, ResNetBackbone
+
+    arch = args.arch or "resnet50"
+    torch.manual_seed(args.seed)
+    random_model = BackboneModel(ResNetBackbone(arch, small_input=args.small_input, width=args.width)).eval()
+    network = {"arch": arch, "width": args.width, "small_input": args.small_input}
+    out = {}
+    for name, model in calibrate(random_model).items():
+        info = {"source": BASELINE_LABELS.get(name, name), "seed": args.seed, "method": None,
+                "default_branch": "online", "branch": "online", **(network if name != "pixels" else {})}
+        out[name] = (model, info)
+    return out, None
+
+
+def print_table(title: str, columns: dict[str, dict[str, Any]], out: str | None, payload: dict) -> None:
+    """A rich table (a row per metric, a column per model) and ``payload`` as JSON in ``out``."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from semssl.eval.evaluate import BASELINE_LABELS
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column("value" if name == "model" else BASELINE_LABELS.get(name, name), justify="right")
+    for key in dict.fromkeys(k for rows in columns.values() for k in rows):
+        values = [rows.get(key) for rows in columns.values()]
+        table.add_row(key, *(f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values))
+    Console().print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(payload, indent=2, default=float))
+        print(f"wrote {out}")
+
+
+def payload_of(results: dict[str, dict], **extra: Any) -> dict:
+    """One model: its result at the top level; the random-init baselines: ``{name: result}``."""
+    body = results["model"] if set(results) == {"model"} else results
+    return {**body, **extra}
+
+
+def run(args: Any) -> int:
+    train = open_coco(args.train, args.train_images)
+    test = open_coco(args.test, args.test_images)
+    cfg = ObjectsConfig(size=args.size, resize=args.resize, min_side=args.min_side, k=args.k,
+                        temperature=args.temperature, disturbed=args.disturbed, disturb=args.disturb,
+                        seed=args.seed, batch_size=args.batch_size, workers=args.workers)
+    models, _ = models_for_eval(args, lambda m: object_baselines(m, train, cfg))
+    results, columns = {}, {}
+    for name, (model, info) in models.items():
+        res = evaluate_objects(model, train, test, cfg, branch=info.get("branch"))
+        results[name] = {"objects": res, "model": info}
+        columns[name] = {k: v for k, v in res.items() if k.startswith("oknn")}
+        columns[name].update(n_memory=res["n_memory"], n_queries=res["n_queries"])
+    source = models["model"][1]["source"] if set(models) == {"model"} else \
+        f"random-init baselines, {args.arch or 'resnet50'}, seed {args.seed}"
+    print_table(f"O-KNN, k={args.k}, T={args.temperature}, {args.size} px ({source})", columns, args.out,
+                payload_of(results, train=str(args.train), test=str(args.test), size=args.size))
+    return 0

@@ -1,0 +1,183 @@
+"""Attention maps of local crops over a global image (SCFS paper Fig. 3): ``semssl viz attention``.
+
+For a global image (resized to ``size`` and centre-cropped) and its four 2x2 jigsaw local crops (the quadrants,
+each resized to the local crop size), each local crop's pooled stage feature is the query of SCFS's search
+(:func:`~semssl.losses.scfs.search_attention`: the cosine similarity with every position of the global image's
+stage map, Eq. 6); the figure shows the four per-crop maps and the map of the mean query, over the image.
+
+Decisions:
+
+* The "mean attention map" is the attention of the **mean** of the four pooled local features (the figure's
+  caption: "the mean globally average pooled feature map of the four local images"), not the mean of the four maps.
+* Query and keys come from the same network, the evaluated branch (``--branch``, default the method's: the
+  teacher for DINO/SCFS), as the caption describes one "encoder"; in training the query is the student's.
+* All five maps share one colour scale (their joint min and max, printed in the title), so they are comparable.
+* The local crop size defaults to the recipe's ratio of its second view to its first (SCFS: 96/224), else 96/224.
+
+Works for every model exposing stage maps through ``features(images, branch, kind="layerN")``: any method, or a
+plain torchvision ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from semssl.data.augment import denormalize, normalize
+from semssl.errors import ConfigError
+from semssl.losses.scfs import search_attention
+from semssl.models.backbones import STAGES
+
+HELP = "attention maps of 2x2 jigsaw local crops over the global image's stage map (SCFS Fig. 3)"
+
+LOCAL_RATIO = 96 / 224
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint (or a torchvision state_dict)")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--stage", default="layer4", choices=STAGES, help="stage map to search (default layer4)")
+    parser.add_argument("--size", type=int, default=224, help="global image side in pixels (default 224)")
+    parser.add_argument("--local-size", type=int,
+                        help="local crop side (default: the recipe's local/global view ratio x --size, else 96/224)")
+    parser.add_argument("--branch", help="network branch (default: the method's evaluated branch)")
+    parser.add_argument("--out", help="PNG to write (default: <image stem>_attention_<stage>.png here)")
+
+
+def load_image(image: str | Path | PIL.Image.Image, size: int) -> Tensor:
+    """An RGB image resized (shorter side, bicubic) and centre-cropped to ``size``: normalised ``[1, 3, S, S]``."""
+    if size < 16:
+        raise ConfigError(f"--size: must be >= 16, got {size}")
+    if not isinstance(image, PIL.Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise ConfigError(f"--image: no such file '{path}'")
+        try:
+            image = PIL.Image.open(path)
+            image.load()
+        except (OSError, PIL.UnidentifiedImageError) as err:
+            raise ConfigError(f"--image: cannot read '{path}' ({err})") from None
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), PIL.Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return normalize(array).unsqueeze(0)
+
+
+def jigsaw_crops(image: Tensor, local_size: int) -> Tensor:
+    """The 2x2 jigsaw of ``image`` ``[1, 3, S, S]``: quadrants (top-left, top-right, bottom-left, bottom-right),
+    each resized to ``local_size`` (bicubic, antialiased): ``[4, 3, local, local]``."""
+    s = image.shape[-1]
+    h = s // 2
+    quads = [image[..., :h, :h], image[..., :h, h:2 * h], image[..., h:2 * h, :h], image[..., h:2 * h, h:2 * h]]
+    return torch.cat([F.interpolate(q, size=(local_size, local_size), mode="bicubic", antialias=True,
+                                    align_corners=False) for q in quads])
+
+
+@torch.no_grad()
+def attention_maps(model: Any, image: Tensor, crops: Tensor, stage: str = "layer4",
+                   branch: str | None = None) -> tuple[Tensor, Tensor]:
+    """(per-crop maps ``[n, h, w]``, mean-query map ``[h, w]``): cosine attention of each crop's pooled stage
+    feature (and of their mean) over the global image's stage map ``[1, C, h, w]``."""
+    key = model.features(image, branch, kind=stage).float()
+    queries = model.features(crops, branch, kind=stage).float().mean(dim=(2, 3))
+    maps = search_attention(queries, key.expand(1, -1, -1, -1))  # every query searches the one global image
+    mean_map = search_attention(queries.mean(0, keepdim=True), key)[0]
+    return maps, mean_map
+
+
+def draw(image: Tensor, crops: Tensor, maps: Tensor, mean_map: Tensor, out: Path, title: str = "") -> Path:
+    """Write the figure: top row the global image and the local crops; bottom row the mean-query map and the
+    per-crop maps over the global image (bilinear upsampling, one shared colour scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = image.shape[-1]
+    up = lambda m: F.interpolate(m[None, None], size=(size, size), mode="bilinear",
+                                 align_corners=False)[0, 0].numpy()
+    picture = lambda x: denormalize(x).permute(1, 2, 0).numpy()
+    vmin = float(torch.minimum(maps.min(), mean_map.min()))
+    vmax = float(torch.maximum(maps.max(), mean_map.max()))
+    n = crops.shape[0]
+    fig, axes = plt.subplots(2, n + 1, figsize=(2.2 * (n + 1), 4.6))
+    axes[0, 0].imshow(picture(image[0]))
+    axes[0, 0].set_title("global", fontsize=9)
+    axes[1, 0].imshow(picture(image[0]))
+    axes[1, 0].imshow(up(mean_map), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    axes[1, 0].set_title("mean query", fontsize=9)
+    for i in range(n):
+        axes[0, i + 1].imshow(picture(crops[i]))
+        axes[0, i + 1].set_title(f"local {i + 1}", fontsize=9)
+        axes[1, i + 1].imshow(picture(image[0]))
+        axes[1, i + 1].imshow(up(maps[i]), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        axes[1, i + 1].set_title(f"attention {i + 1}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{title}  cosine range [{vmin:.3f}, {vmax:.3f}]".strip(), fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def local_size_for(cfg: Any, size: int) -> int:
+    """``size`` x (the recipe's second view size / first view size), or x 96/224 without a config or second view."""
+    views = list(getattr(getattr(cfg, "data", None), "views", None) or [])
+    ratio = views[1].size / views[0].size if len(views) > 1 else LOCAL_RATIO
+    return max(16, round(size * ratio))
+
+
+def draw_attention(model: Any, image: str | Path | PIL.Image.Image, out: str | Path, stage: str = "layer4",
+                   size: int = 224, local_size: int | None = None, branch: str | None = None,
+                   cfg: Any = None, title: str = "") -> Path:
+    """The whole figure for ``model`` (anything with ``features(images, branch, kind)``) on one image."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: '{stage}' is not one of {list(STAGES)}")
+    x = load_image(image, size)
+    crops = jigsaw_crops(x, local_size or local_size_for(cfg, size))
+    maps, mean_map = attention_maps(model, x, crops, stage, branch)
+    return draw(x, crops, maps, mean_map, Path(out), title or stage)
+
+
+def run(args: argparse.Namespace) -> int:
+    from semssl.engine.checkpoint import load_model
+
+    model, info, cfg = load_model(args.checkpoint)
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_attention_{args.stage}.png")
+    branch = args.branch or info.get("default_branch")
+    title = f"{info.get('method', '')} {branch} {args.stage}"
+    draw_attention(model, args.image, out, stage=args.stage, size=args.size, local_size=args.local_size,
+                   branch=args.branch, cfg=cfg, title=title)
+    print(out)
+    return 0
+
+
+def during_training(method: Any, cfg: Any, paths: dict, out: Path, stage: str = "layer4", size: int | None = None,
+                    image: str | None = None, index: int = 0) -> None:
+    """``trainer.figures: [{name: attention, every_n_epochs: N, stage: layer4, image: FILE}]``: the figure for the
+    live method; without ``image``, sample ``index`` of the evaluation test set (else the training set), at the
+    global view's size."""
+    if image is None:
+        from semssl.data.sources import build_source
+
+        source_path = paths.get("eval_test") or paths.get("train")
+        if not source_path:
+            raise ConfigError("trainer.figures attention: no image given and no data path to take one from")
+        image = build_source(source_path)[index]["image"]
+    size = size or cfg.data.views[0].size
+    draw_attention(method, image, out, stage=stage, size=size, cfg=cfg, title=f"{cfg.method.name} {stage}")
