@@ -4,8 +4,9 @@ The harness used to size the small recipes (docs/results.md, "Sizing the main jo
 recipe with the engine's own optimisation step (:class:`semssl.bench.MethodStep`: the recipe's optimiser, weight
 decay and schedules, EMA of ``momentum_pairs()``), with the peak lr given on the command line (not scaled by the
 batch) and a 20-step warm-up, on one thread, and evaluates the method through ``Method.features`` with the kNN
-protocol (k 20, T 0.07) on the recipe's evaluation split at step 0 (random init), every ``--every`` steps and at
-the end. Lightning is left out so several variants can run side by side on a small machine.
+protocol (k 20, T 0.07) on the recipe's evaluation split at step 0 (the three random-init baselines: random init,
+random init with BatchNorm statistics re-estimated, centred pixels), every ``--every`` steps and at the end.
+Lightning is left out so several variants can run side by side on a small machine.
 
 Numbers in docs/results.md dated before 2026-12-01 came from an earlier hand-written loop (SGD with wd 5e-4 on
 every parameter, warm-up as a factor ``min(1, (k+1)/20)`` on the cosine); rerun a command to compare.
@@ -18,9 +19,9 @@ every parameter, warm-up as a factor ``min(1, (k+1)/20)`` on the cosine); rerun 
 
 Diagnostics: ``--aug FIELD=VALUE,...`` replaces fields of the photometric recipe of every view (a
 :class:`~semssl.data.augment.PhotometricRecipe` field, e.g. ``hue=0.5,grayscale_p=0.5``) for this run only.
-``--bn-recal`` also prints kNN after re-estimating every BatchNorm's running statistics on 16 batches of the
-evaluation-train images (plain batch statistics, no splits) — for random init too, which separates "BatchNorm
-now normalises" from "the features changed".
+``--bn-recal`` also prints kNN after re-estimating the evaluated branch's BatchNorm running statistics on the
+evaluation-train images (:func:`semssl.eval.evaluate.reestimate_bn`, as the ``random_init_bn`` baseline) during
+training too, which separates "BatchNorm now normalises" from "the features changed".
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from semssl.config import load_config
 from semssl.data import augment
 from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
 from semssl.eval.data import eval_loader
-from semssl.eval.evaluate import evaluate
-from semssl.models.backbones import BackboneModel
+from semssl.eval.evaluate import baseline_models, evaluate, reestimate_bn
 
 
 def main() -> None:
@@ -74,32 +74,18 @@ def main() -> None:
     method = step_fn.method
     random_model = copy.deepcopy(method)
 
-    def knn(model: torch.nn.Module) -> str:
+    def top1(model: torch.nn.Module) -> str:
         res = evaluate(model, cfg, paths["eval_train"], paths["eval_test"], linear=False)
-        text = f"{float(res['knn_top1']):.1f}"
+        return f"{float(res['knn_top1']):.1f}"
+
+    def knn(model: torch.nn.Module) -> str:
+        text = top1(model)
         if args.bn_recal:
-            res = evaluate(BackboneModel(recalibrated(model.backbone_for(model.resolve_branch()))), cfg,
-                           paths["eval_train"], paths["eval_test"], linear=False)
-            text += f" (BN re-estimated {float(res['knn_top1']):.1f})"
+            text += f" (BN re-estimated {top1(reestimate_bn(model, eval_loader(paths['eval_train'], cfg)))})"
         return text
 
-    def recalibrated(backbone: torch.nn.Module, batches: int = 16) -> torch.nn.Module:
-        backbone = copy.deepcopy(backbone)
-        for module in backbone.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average over the batches below
-                if hasattr(module, "num_splits"):
-                    module.num_splits = 1
-        backbone.train()
-        with torch.no_grad():
-            for i, batch in enumerate(eval_loader(paths["eval_train"], cfg)):
-                if i >= batches:
-                    break
-                backbone(batch["image"])
-        return backbone.eval()
-
-    print(f"{args.name} random {knn(random_model)}", flush=True)
+    baselines = {name: top1(m) for name, m in baseline_models(random_model, cfg, paths["eval_train"]).items()}
+    print(f"{args.name} step 0: " + " ".join(f"{name} {value}" for name, value in baselines.items()), flush=True)
     epoch, start, out = 0, time.time(), {}
     while step_fn.step < args.steps:
         loader.sampler.set_epoch(epoch)

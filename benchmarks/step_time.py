@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first_view = cfg.data.views[0].name
     supervised = SupervisedStep(batch["views"][first_view][: args.batch], arch=args.arch,
                                 num_classes=args.num_classes, small_input=cfg.model.small_input, seed=args.seed,
-                                channels_last=cfg.model.channels_last)
+                                channels_last=cfg.model.channels_last, width=cfg.model.width)
     method = MethodStep(cfg, batch)
     name = cfg.method.name
     steps = {"supervised": supervised, name: method}

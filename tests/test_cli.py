@@ -55,11 +55,16 @@ def test_pretrain_then_evaluate(tiny_synth: Path, tmp_path: Path, capsys):
     assert main(["pretrain", *overrides]) == 0
     run = out_dir / "tiny"
     printed = capsys.readouterr().out
-    assert "random init" in printed and str(run) in printed
+    assert str(run) in printed
+    for row in ("random init", "random init, BN re-estimated", "pixels (centred)", "trained",
+                "gain over best baseline"):
+        assert row in printed
     metrics = json.loads((run / "metrics.json").read_text())
-    for branch in ("trained", "random_init"):
-        for key in ("knn_top1", "linear_top1"):
+    baselines = ("random_init", "random_init_bn", "pixels")
+    for branch in ("trained", *baselines):
+        for key in ("knn_top1", "linear_top1", "k5_top1", "k20_top1"):
             assert 0.0 <= metrics[branch][key] <= 100.0
+    assert metrics["run"]["width"] == 64
     assert (run / "config.yaml").exists() and (run / "logs" / "csv" / "metrics.csv").exists()
     assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = safe_load(run / "checkpoints" / "last.ckpt")
@@ -77,13 +82,20 @@ def test_pretrain_then_evaluate(tiny_synth: Path, tmp_path: Path, capsys):
                  "--epochs", "5", "--out", str(lin_json), "--workers", "0"]) == 0
     # the fast probe with the run's settings (5 epochs, the same lr grid and seed) gives the run's number
     assert json.loads(lin_json.read_text())["linear"]["linear_top1"] == metrics["trained"]["linear_top1"]
-    # and the random-init row is the same architecture and seed as `semssl eval knn --random-init`
+    # and the random-init rows are the same architecture, seed and data as `semssl eval knn --random-init`
+    # (BatchNorm re-estimated in the run's evaluation batches: eval.batch_size 64)
     rand_json = tmp_path / "rand.json"
     assert main(["eval", "knn", "--random-init", "--arch", "resnet18", "--seed", "0", "--train", train,
                  "--test", test, "--size", "32", "--resize-ratio", "1", "--k", "5", "20", "--workers", "0",
-                 "--out", str(rand_json)]) == 0
-    assert json.loads(rand_json.read_text())["knn"]["k20_top1"] == metrics["random_init"]["k20_top1"]
-    assert metrics["trained"]["k20_top1"] != metrics["random_init"]["k20_top1"]  # training changed the network
+                 "--batch-size", "64", "--out", str(rand_json)]) == 0
+    rand = json.loads(rand_json.read_text())
+    for name in baselines:
+        assert rand[name]["knn"]["k20_top1"] == metrics[name]["k20_top1"], name
+        assert rand[name]["knn"]["k5_top1"] == metrics[name]["k5_top1"], name
+    assert rand["random_init_bn"]["model"]["source"] == "random init, BN re-estimated"
+    assert "random init, BN re-estimated" in capsys.readouterr().out
+    scores = ("k5_top1", "k20_top1", "linear_top1")  # training changed the network (one score may tie by chance)
+    assert [metrics["trained"][k] for k in scores] != [metrics["random_init"][k] for k in scores]
 
     # a plain torchvision state_dict is accepted too (architecture inferred from the keys)
     plain = tmp_path / "r18.pth"

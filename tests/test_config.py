@@ -1,5 +1,6 @@
 """Config tree: recipes, overrides, typed validation with suggestions."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,32 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path):
     recipe.write_text(f"base: {DEFAULT_RECIPE}\noptim: {{weight_decay: 2e-5}}\nname: e1\n")
     assert load_config(str(recipe), []).optim.weight_decay == pytest.approx(2e-5)
     assert parse_override("name=1e")[1] == "1e"  # not a number: stays a string
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.batch_size=12", "not divisible by model.bn_splits"),  # the main recipe splits BN 8 ways
+    ("optim.lr=-0.1", "optim.lr"),
+    ("data.views.0.scale=[0.9,0.2]", "scale"),
+    ("data.views.0.scale=[0,0]", "scale"),
+    ("data.views.1.name=q", "repeated: q"),
+    ("optim.warmup=soon", "optim.warmup"),
+    ("trainer.devices=-3", "trainer.devices"),
+    ("eval.knn_temperature=0", "eval.knn_temperature"),
+    ("method.temperature=0", "method.temperature"),
+])
+def test_bad_values_are_config_errors_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(DEFAULT_RECIPE, [override])
+
+
+def test_every_fault_is_reported_at_once_and_no_run_folder_is_made(tmp_path) -> None:
+    from semssl.cli import main
+
+    code = main(["pretrain", "data.batch_size=0", "optim.lr=-1", "trainer.devices=-3",
+                 f"trainer.out_dir={tmp_path / 'runs'}"])
+    assert code == 2
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT_RECIPE, ["data.batch_size=0", "optim.lr=-1", "trainer.devices=-3"])
+    assert str(err.value).count("\n") == 3 and "3 invalid values" in str(err.value)

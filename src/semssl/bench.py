@@ -72,13 +72,14 @@ class SupervisedStep:
     """
 
     def __init__(self, images: Tensor, arch: str = "resnet18", num_classes: int = 1000, small_input: bool = False,
-                 lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0, channels_last: bool = False) -> None:
+                 lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0, channels_last: bool = False,
+                 width: int = 64) -> None:
         from semssl.models.backbones import ResNetBackbone
 
         if num_classes < 2:
             raise BenchError(f"--num-classes must be >= 2, got {num_classes}")
         torch.manual_seed(seed)
-        self.backbone = ResNetBackbone(arch, small_input=small_input).train()
+        self.backbone = ResNetBackbone(arch, small_input=small_input, width=width).train()
         self.classifier = nn.Linear(self.backbone.dim, num_classes)
         self.model = nn.ModuleDict({"backbone": self.backbone, "classifier": self.classifier})
         if channels_last:

@@ -79,19 +79,32 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     """The model to evaluate (a method from a semssl checkpoint, or a bare backbone), its info, its config."""
     from semssl.engine.checkpoint import load_model
 
-    if args.random_init:
-        import torch
-
-        from semssl.models.backbones import BackboneModel, ResNetBackbone
-
-        torch.manual_seed(args.seed)
-        model = BackboneModel(ResNetBackbone(args.arch or "resnet50", small_input=args.small_input)).eval()
-        return model, {"source": "random init", "arch": args.arch or "resnet50", "method": None,
-                       "default_branch": "online"}, None
     if not args.checkpoint:
         raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
                          " or --random-init")
     return load_model(args.checkpoint, arch=args.arch)
+
+
+def _models_for_eval(args: argparse.Namespace) -> tuple[dict[str, tuple[Any, dict]], Any]:
+    """``{name: (model, info)}`` and the evaluation config: a checkpoint's model under ``model``; with
+    ``--random-init`` the three baselines of a pre-training run (``random_init``; ``random_init_bn``, BatchNorm
+    statistics re-estimated on ``--train``; ``pixels``, see :func:`semssl.eval.evaluate.baseline_models`)."""
+    if not args.random_init:
+        model, info, cfg = _load_for_eval(args)
+        return {"model": (model, info)}, _eval_config(args, cfg)
+    import torch
+
+    from semssl.eval.evaluate import BASELINE_LABELS, baseline_models
+    from semssl.models.backbones import BackboneModel, ResNetBackbone
+
+    cfg = _eval_config(args, None)
+    arch = args.arch or "resnet50"
+    torch.manual_seed(args.seed)
+    model = BackboneModel(ResNetBackbone(arch, small_input=args.small_input, width=args.width)).eval()
+    network = {"arch": arch, "width": args.width, "small_input": args.small_input}
+    common = {"seed": args.seed, "method": None, "default_branch": "online"}
+    return {name: (m, {"source": BASELINE_LABELS[name], **(network if name != "pixels" else {}), **common})
+            for name, m in baseline_models(model, cfg, args.train).items()}, cfg
 
 
 def _check_kind(model: Any, kind: str) -> str:
@@ -104,22 +117,27 @@ def _check_kind(model: Any, kind: str) -> str:
 
 def _features_of(model: Any, args: argparse.Namespace, cfg: Any) -> tuple:
     """(train_x, train_y, test_x, test_y) through ``model.features`` on the chosen branch."""
-    from semssl.eval.evaluate import folder_features
+    from semssl.eval.evaluate import split_features
 
-    train_x, train_y = folder_features(model, args.train, cfg, branch=args.branch, kind=args.features)
-    test_x, test_y = folder_features(model, args.test, cfg, branch=args.branch, kind=args.features)
-    return train_x, train_y, test_x, test_y
+    return split_features(model, cfg, args.train, args.test, branch=args.branch, kind=args.features,
+                          drop_unknown=args.drop_unknown_classes)
 
 
-def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload: dict) -> None:
+def _print_result(title: str, columns: dict[str, dict[str, Any]], out: Optional[str], payload: dict) -> None:
+    """One table: a row per metric, a column per evaluated model (``model`` -> "value"; the random-init baselines
+    by their labels); ``payload`` written as JSON to ``out``."""
     from rich.console import Console
     from rich.table import Table
 
+    from semssl.eval.evaluate import BASELINE_LABELS
+
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    for name in columns:
+        table.add_column("value" if name == "model" else BASELINE_LABELS.get(name, name), justify="right")
+    for key in dict.fromkeys(k for rows in columns.values() for k in rows):
+        values = [rows.get(key) for rows in columns.values()]
+        table.add_row(key, *(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values))
     Console().print(table)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -127,41 +145,62 @@ def _print_result(title: str, rows: dict[str, Any], out: Optional[str], payload:
         print(f"wrote {out}")
 
 
+def _prepare(model: Any, info: dict, args: argparse.Namespace) -> None:
+    info["branch"] = model.resolve_branch(args.branch)
+    info["features"] = _check_kind(model, args.features)
+
+
+def _payload(results: dict[str, dict], args: argparse.Namespace, **extra: Any) -> dict:
+    """JSON of an evaluation: ``{<protocol>: ..., "model": ...}`` for one model; ``{"random_init": {...},
+    "random_init_bn": {...}, "pixels": {...}}`` (each ``{<protocol>: ..., "model": ...}``) for the baselines."""
+    body = results["model"] if set(results) == {"model"} else results
+    return {**body, "train": args.train, "test": args.test, **extra}
+
+
+def _title(protocol: str, models: dict[str, tuple[Any, dict]], args: argparse.Namespace) -> str:
+    if set(models) == {"model"}:
+        return f"{protocol} ({models['model'][1]['source']})"
+    small = ", small input" if args.small_input else ""
+    return (f"{protocol}: random-init baselines ({args.arch or 'resnet50'}, width {args.width}{small}, "
+            f"seed {args.seed})")
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     from semssl.eval.knn import knn_evaluate
 
-    model, info, cfg = _load_for_eval(args)
-    cfg = _eval_config(args, cfg)
-    info["branch"] = model.resolve_branch(args.branch)
-    info["features"] = _check_kind(model, args.features)
-    train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
-    res = knn_evaluate(train_x, train_y, test_x, test_y, ks=tuple(args.k), temperature=args.temperature)
-    rows = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
-    _print_result(f"kNN ({info['source']}, T={args.temperature})", rows, args.out,
-                  {"knn": res, "model": info, "train": args.train, "test": args.test,
-                   "size": cfg.data.eval_size})
+    models, cfg = _models_for_eval(args)
+    results, columns = {}, {}
+    for name, (model, info) in models.items():
+        _prepare(model, info, args)
+        train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
+        res = knn_evaluate(train_x, train_y, test_x, test_y, ks=tuple(args.k), temperature=args.temperature)
+        results[name] = {"knn": res, "model": info}
+        columns[name] = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
+    _print_result(_title(f"kNN, T={args.temperature}", models, args), columns, args.out,
+                  _payload(results, args, size=cfg.data.eval_size))
     return 0
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
     from semssl.eval.linear import FastLinearConfig, linear_fast
 
-    model, info, cfg = _load_for_eval(args)
-    cfg = _eval_config(args, cfg)
-    info["branch"] = model.resolve_branch(args.branch)
-    info["features"] = _check_kind(model, args.features)
-    if args.protocol == "fast":
-        train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
-        res = linear_fast(train_x, train_y, test_x, test_y,
-                          config=FastLinearConfig(epochs=args.epochs or 100, seed=args.seed,
-                                                  **({"lrs": tuple(args.lrs)} if args.lrs else {})))
-    else:
-        from semssl.eval.evaluate import linear_standard_on_folders
+    models, cfg = _models_for_eval(args)
+    results, columns = {}, {}
+    for name, (model, info) in models.items():
+        _prepare(model, info, args)
+        if args.protocol == "fast":
+            train_x, train_y, test_x, test_y = _features_of(model, args, cfg)
+            res = linear_fast(train_x, train_y, test_x, test_y,
+                              config=FastLinearConfig(epochs=args.epochs or 100, seed=args.seed,
+                                                      **({"lrs": tuple(args.lrs)} if args.lrs else {})))
+        else:
+            from semssl.eval.evaluate import linear_standard_on_folders
 
-        res = linear_standard_on_folders(model, args, cfg, branch=args.branch, kind=args.features)
-    rows = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
-    _print_result(f"linear probe, {args.protocol} protocol ({info['source']})", rows, args.out,
-                  {"linear": res, "model": info, "train": args.train, "test": args.test})
+            res = linear_standard_on_folders(model, args, cfg, branch=args.branch, kind=args.features)
+        results[name] = {"linear": res, "model": info}
+        columns[name] = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
+    _print_result(_title(f"linear probe, {args.protocol} protocol", models, args), columns, args.out,
+                  _payload(results, args, size=cfg.data.eval_size))
     return 0
 
 
@@ -192,6 +231,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_data_proposals(args: argparse.Namespace) -> int:
+    from semssl.data.proposals import proposals_command
+
+    code, summary = proposals_command(args.path, workers=args.workers, cache=args.cache, check=args.check,
+                                      force=args.force, params=args.param)
+    print(json.dumps(summary, indent=2))
+    return code
+
+
 # ------------------------------------------------------------------------------------------------ lists
 def cmd_methods(args: argparse.Namespace) -> int:
     from semssl.methods import available_methods
@@ -208,23 +256,46 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parser
+def _positive(kind: type, low: float = 1, open_low: bool = False):
+    """An argparse type: a number of ``kind`` >= ``low`` (> with ``open_low``), with a clear message."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if open_low else '>='} {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
-    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised backbone instead")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate the random-init baselines instead: the random backbone as it is, with BatchNorm "
+                        "statistics re-estimated on --train, and raw pixels (centred on --train)")
     p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
                    help="architecture of a plain state_dict / random init (inferred from the keys if omitted)")
     p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
+    p.add_argument("--width", type=int, default=64,
+                   help="random init only: ResNet base width (64 = torchvision's; a checkpoint's is read from it)")
     p.add_argument("--branch", choices=["online", "teacher"],
                    help="which network of a semssl checkpoint (default: the method's: teacher for DINO/SCFS)")
+    p.add_argument("--drop-unknown-classes", action="store_true",
+                   help="leave out (and count) test images of classes absent from --train instead of failing; "
+                        "labels are always matched by class name")
     p.add_argument("--features", default="pooled", metavar="KIND",
                    help="which features of the model (Method.features kind): pooled (default) or a method's own "
                         "vector kind, e.g. fg (SCD's foreground semantics)")
     p.add_argument("--train", required=True, help="labelled image folder used as memory / training split")
     p.add_argument("--test", required=True, help="labelled image folder evaluated")
-    p.add_argument("--size", type=int, help="centre-crop size (default: the run's data.eval_size, else 224)")
-    p.add_argument("--resize-ratio", type=float, help="resize shorter side to size*ratio before the crop (256/224)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--size", type=_positive(int, 8),
+                   help="centre-crop size (default: the run's data.eval_size, else 224)")
+    p.add_argument("--resize-ratio", type=_positive(float, 1.0),
+                   help="resize shorter side to size*ratio before the crop (256/224)")
+    p.add_argument("--batch-size", type=_positive(int), default=256)
+    p.add_argument("--workers", type=_positive(int, 0), default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the result as JSON here")
 
@@ -251,21 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     esub = pe.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
     pk = esub.add_parser("knn", help="weighted kNN on pooled features (cosine, T 0.07, k 20 and 200)")
     _add_eval_common(pk)
-    pk.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (first one is knn_top1)")
-    pk.add_argument("--temperature", type=float, default=0.07)
+    pk.add_argument("--k", type=_positive(int), nargs="+", default=[20, 200],
+                    help="neighbour counts (first one is knn_top1)")
+    pk.add_argument("--temperature", type=_positive(float, 0.0, open_low=True), default=0.07)
     pk.set_defaults(func=cmd_eval_knn)
     pl = esub.add_parser("linear", help="linear probe on the frozen backbone (fast or standard protocol)")
     _add_eval_common(pl)
     pl.add_argument("--protocol", choices=["fast", "standard"], default="fast",
                     help="fast: pre-computed centre-crop features, lr searched on a held-out part; "
                          "standard: frozen backbone with crop+flip augmentation (MoCo: lr 30, steps 60/80)")
-    pl.add_argument("--epochs", type=int, help="epochs (default 100)")
+    pl.add_argument("--epochs", type=_positive(int), help="epochs (default 100)")
     pl.add_argument("--lrs", type=float, nargs="+", help="fast protocol: the searched learning rates")
     pl.add_argument("--lr", type=float, default=30.0, help="standard protocol: base lr per 256 images")
     pl.add_argument("--schedule", choices=["step", "cosine"], default="step",
                     help="standard protocol: steps at 60%%/80%% of the epochs (MoCo) or cosine (SCFS/DINO)")
     pl.add_argument("--weight-decay", type=float, default=0.0)
     pl.set_defaults(func=cmd_eval_linear)
+    from semssl.eval import dense as eval_dense
+
+    pdn = esub.add_parser("dense", help=eval_dense.HELP, description=eval_dense.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_dense.add_arguments(pdn)
+    pdn.set_defaults(func=eval_dense.run)
+    from semssl.eval import bias as eval_bias
+    from semssl.eval import objects as eval_objects
+
+    for name, module in (("objects", eval_objects), ("bias", eval_bias)):
+        pscene = esub.add_parser(name, help=module.HELP, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(pscene)
+        pscene.set_defaults(func=module.run)
 
     from semssl.viz import figure_modules
 
@@ -297,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     pc = dsub.add_parser("check", help="decode every image of a folder / list / COCO JSON; report bad files")
     pc.add_argument("path")
     pc.set_defaults(func=cmd_data_check)
+    pp = dsub.add_parser("proposals", help="compute / refresh the selective-search proposals cache of a COCO JSON "
+                                           "or image folder (SoCo/D3SSL; see semssl.data.proposals)")
+    pp.add_argument("path")
+    pp.add_argument("--workers", type=int, help="worker processes (default: min(8, CPU count))")
+    pp.add_argument("--cache", help="cache file (default: <path>.proposals.json beside the data, or the user cache)")
+    pp.add_argument("--check", action="store_true", help="only report whether the cache is up to date (exit 1 if not)")
+    pp.add_argument("--force", action="store_true", help="recompute every image")
+    pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a selective-search / filter setting (data.proposal_params), e.g. reference_size=null")
+    pp.set_defaults(func=cmd_data_proposals)
 
     pm = sub.add_parser("methods", help="list the available methods, one per line")
     pm.set_defaults(func=cmd_methods)

@@ -67,6 +67,8 @@ class DataConfig:
     views: list[ViewSpec] = field(default_factory=lambda: [ViewSpec(name="q"), ViewSpec(name="k")])
     region_sampling: Optional[RegionSampling] = None  # proposal sampling of SoCo/D3SSL (data/regions.py)
     batch_transforms: list[dict] = field(default_factory=list)  # [{name: ..., arg: value}] after collation
+    proposals: bool = False  # attach selective-search proposals to every training sample (data/proposals.py)
+    proposal_params: dict = field(default_factory=dict)  # ProposalParams fields, e.g. {reference_size: null}
     blur_reference_size: Optional[int] = 224
     eval_size: int = 224
     eval_resize_ratio: float = 256 / 224
@@ -84,6 +86,7 @@ class ModelConfig:
     zero_init_residual: bool = False
     norm: Literal["bn", "gn", "frozen_bn"] = "bn"
     bn_splits: int = 1  # >1: BatchNorm over sub-batches (single-process stand-in for shuffle-BN)
+    width: int = 64  # ResNet base width: 64 = torchvision's; 32 / 16 for small runs (channels scale with it)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (needs CUDA)
     channels_last: bool = False
 
@@ -131,6 +134,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     knn_every_n_epochs: int = 0  # online kNN monitor; 0 disables
     checkpoint_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int = 0  # > 0: also every this many steps (a long epoch loses less when killed)
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = torch default
     # figures drawn during training into <run>/figures/: [{name: saliency, every_n_epochs: 5, <option>: ...}],
@@ -267,9 +271,82 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if cls is Config:
         if obj.method is None:
             raise ConfigError("method: a recipe must name a method (method.name); see `semssl methods`")
-        check_views(obj)
         _check_data(obj.data)
+        check_views(obj)
+        check_values(obj)
     return obj
+
+
+def check_values(cfg: Config) -> None:
+    """Every value that would only fail once training starts (a division by zero, an empty crop range, an
+    unparsable schedule length...), checked when the config is read, before any folder is created. All faults
+    at once, one line each naming the key and the allowed values."""
+    import math
+
+    from semssl.schedules import resolve_length
+
+    faults: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            faults.append(f"{key} = {value!r}: must be {allowed}")
+
+    def number(key: str, value: Any, low: float = 0.0, low_open: bool = False, high: Optional[float] = None) -> None:
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
+        ok = ok and (high is None or value < high)
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        need(ok, key, value, f"a finite number {bound}")
+
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.trainer, cfg.eval
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1 (per device)")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    need(d.eval_size >= 8, "data.eval_size", d.eval_size, "an integer >= 8")
+    number("data.eval_resize_ratio", d.eval_resize_ratio, 1.0)
+    need(m.bn_splits >= 1, "model.bn_splits", m.bn_splits, "an integer >= 1")
+    if m.bn_splits > 1 and d.batch_size >= 1 and d.batch_size % m.bn_splits:
+        faults.append(f"data.batch_size = {d.batch_size} is not divisible by model.bn_splits = {m.bn_splits}: "
+                      f"use a multiple of {m.bn_splits}, or set model.bn_splits to a divisor of the batch")
+    need(m.width >= 1, "model.width", m.width, "an integer >= 1 (64 = torchvision's ResNet)")
+    number("optim.lr", o.lr, 0.0, low_open=True)
+    number("optim.min_lr", o.min_lr)
+    number("optim.warmup_start", o.warmup_start)
+    number("optim.momentum", o.momentum, 0.0, high=1.0)
+    number("optim.weight_decay", o.weight_decay)
+    if o.weight_decay_end is not None:
+        number("optim.weight_decay_end", o.weight_decay_end)
+    number("optim.clip_grad", o.clip_grad)
+    for key, value in [("optim.warmup", o.warmup)] + [(f"optim.milestones[{i}]", v) for i, v in
+                                                       enumerate(o.milestones)]:
+        try:
+            resolve_length(value, 1, 1_000_000)
+        except ConfigError as err:
+            faults.append(f"{key}: {err}")
+    need(t.max_epochs >= 0, "trainer.max_epochs", t.max_epochs, "an integer >= 0")
+    need(t.max_steps >= 0, "trainer.max_steps", t.max_steps, "an integer >= 0 (0 = use max_epochs)")
+    need(t.max_epochs > 0 or t.max_steps > 0, "trainer.max_epochs", t.max_epochs,
+         "> 0 when trainer.max_steps is 0 (the run would have no step)")
+    devices_ok = (isinstance(t.devices, int) and t.devices >= 1) or (isinstance(t.devices, int) and t.devices == -1) \
+        or (isinstance(t.devices, str) and t.devices != "")
+    need(devices_ok, "trainer.devices", t.devices, "a count >= 1, -1 (all), 'auto' or a device list string")
+    need(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "an integer >= 1")
+    need(t.seed >= 0, "trainer.seed", t.seed, "an integer >= 0")
+    need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
+    for key in ("knn_every_n_epochs", "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "num_threads"):
+        need(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0 (0 = off / default)")
+    need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    number("eval.knn_temperature", e.knn_temperature, 0.0, low_open=True)
+    need(bool(e.knn_k) and all(k >= 1 for k in e.knn_k), "eval.knn_k", e.knn_k, "a non-empty list of integers >= 1")
+    for key in ("momentum", "momentum_end"):
+        value = getattr(cfg.method, key, None)
+        if value is not None:
+            number(f"method.{key}", value, 0.0, high=1.0 + 1e-12)
+    for key, value in vars(cfg.method).items():
+        if key.endswith("temperature") or key.endswith("temp"):
+            if isinstance(value, (int, float)):
+                number(f"method.{key}", value, 0.0, low_open=True)
+    if faults:
+        raise ConfigError("\n".join(faults) if len(faults) == 1 else
+                          f"{len(faults)} invalid values:\n  " + "\n  ".join(faults))
 
 
 def _check_data(data: DataConfig) -> None:
@@ -282,6 +359,13 @@ def _check_data(data: DataConfig) -> None:
                            region_sampling=data.region_sampling)
     except ConfigError as err:
         raise ConfigError(f"data.views: {err}") from None
+    if data.proposal_params:
+        from semssl.data.proposals import as_params
+
+        try:
+            as_params(data.proposal_params)
+        except (ConfigError, ValueError) as err:
+            raise ConfigError(f"data.proposal_params: {err}") from None
     for i, item in enumerate(data.batch_transforms):
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"data.batch_transforms[{i}]: expected a mapping with a 'name', got {item!r}")

@@ -91,7 +91,9 @@ def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module,
     A semssl checkpoint gives its whole :class:`~semssl.methods.Method` (so evaluation reads it through
     ``Method.features``, on the method's default branch unless told otherwise, exactly as the online monitor and
     the final evaluation did); a plain torchvision ResNet ``state_dict`` gives a
-    :class:`~semssl.models.backbones.BackboneModel` (``arch`` names the depth; inferred from the keys if omitted).
+    :class:`~semssl.models.backbones.BackboneModel` (``arch`` names the depth; inferred from the keys if omitted;
+    the base width ``model.width`` is read from ``conv1.weight``'s output channels). A semssl checkpoint is built
+    from its stored config, ``model.width`` included.
     """
     from semssl.methods import build_method
 
@@ -106,7 +108,8 @@ def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module,
         except RuntimeError as err:
             raise CheckpointError(f"{file}: weights do not match its own config ({err})") from err
         info = {"source": str(file), "method": cfg.method.name, "default_branch": method.default_branch,
-                "arch": cfg.model.arch, "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+                "arch": cfg.model.arch, "width": cfg.model.width, "epoch": ckpt.get("epoch"),
+                "global_step": ckpt.get("global_step")}
         return method.eval(), info, cfg
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -114,12 +117,17 @@ def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module,
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     arch = arch or _infer_arch(state, file)
     conv1 = state.get("conv1.weight")
-    backbone = ResNetBackbone(arch, small_input=conv1 is not None and conv1.shape[-1] == 3)
+    if conv1 is None or conv1.dim() != 4:
+        raise CheckpointError(f"{file}: state_dict has no 4-d 'conv1.weight' (not a ResNet trunk)")
+    # the stem's output channels are the base width (model.width; 64 = torchvision's), its kernel the stem kind
+    width = int(conv1.shape[0])
     try:
+        backbone = ResNetBackbone(arch, small_input=conv1.shape[-1] == 3, width=width)
         load_torchvision_weights(backbone, state)
     except ValueError as err:
         raise CheckpointError(f"{file}: {err}") from err
-    info = {"source": str(file), "method": "torchvision", "default_branch": "online", "arch": arch}
+    info = {"source": str(file), "method": "torchvision", "default_branch": "online", "arch": arch,
+            "width": width}
     return BackboneModel(backbone).eval(), info, None
 
 

@@ -46,9 +46,18 @@ class EpochSampler(Sampler):
         self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
         self.epoch = 0
         self.per_rank = size // num_replicas
+        self._skip: tuple[int, int] = (-1, 0)  # (epoch, samples of it already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Resume mid-epoch: in ``epoch`` only, skip the first ``samples_done`` samples of this rank's order (the
+        ones the checkpoint already trained on), so a resumed run replays exactly what the checkpoint did not
+        hold. ``len(self)`` stays the whole epoch, which is what the trainer's batch counting expects."""
+        if not 0 <= samples_done <= self.per_rank:
+            raise ValueError(f"resume_at: {samples_done} samples done is outside this epoch's {self.per_rank}")
+        self._skip = (epoch, samples_done)
 
     def __len__(self) -> int:
         return self.per_rank
@@ -60,6 +69,9 @@ class EpochSampler(Sampler):
         else:
             order = torch.arange(self.size)
         mine = order[: self.per_rank * self.num_replicas][self.rank:: self.num_replicas]
+        skip_epoch, skip = self._skip
+        if self.epoch == skip_epoch:
+            mine = mine[skip:]
         return iter((self.epoch, int(i)) for i in mine)
 
 
@@ -126,7 +138,9 @@ def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
 
 
 def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
-    source = build_source(path, on_error=cfg.data.on_error)
+    regions = ({"proposals": True, "proposal_params": dict(cfg.data.proposal_params) or None}
+               if cfg.data.proposals else {})
+    source = build_source(path, on_error=cfg.data.on_error, **regions)
     if cfg.data.check_files and len(source) <= 20000 and hasattr(source, "check"):
         bad = source.check()
         if bad:
@@ -134,10 +148,13 @@ def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
     return ViewDataset(source, build_view_transform(cfg), seed=cfg.trainer.seed)
 
 
-def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0, epoch: int = 0) -> DataLoader:
+def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0, epoch: int = 0,
+                 batches_done: int = 0) -> DataLoader:
     """The training loader: ``(epoch, index)`` keys from an :class:`EpochSampler` already set to ``epoch``.
 
-    Decision: the sampler starts at ``epoch`` (the epoch the run is at; > 0 on resume). Lightning creates the
+    Decision: the sampler starts at ``epoch`` (the epoch the run is at; > 0 on resume) and, when the run
+    resumes from a checkpoint written mid-epoch, skips the ``batches_done`` batches of that epoch the
+    checkpoint already trained on (only in that epoch). Lightning creates the
     loader's first iterator before it calls ``set_epoch``, and with workers the iterator prefetches indices at
     creation, so a resumed run would otherwise replay epoch 0's order in its first epoch.
 
@@ -154,6 +171,8 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
                         f"({cfg.data.batch_size} x {world_size} processes); lower data.batch_size")
     sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
     sampler.set_epoch(epoch)
+    if batches_done:
+        sampler.resume_at(epoch, batches_done * cfg.data.batch_size)
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, -1 - rank))
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,

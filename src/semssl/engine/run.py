@@ -7,7 +7,8 @@ Run folder::
       checkpoints/last.ckpt  written atomically at the end of every epoch (weights-only loadable)
       logs/tensorboard/      TensorBoard events
       logs/csv/metrics.csv   the same scalars as CSV
-      metrics.json           {"trained": {...}, "random_init": {...}, "run": {...}}, accuracies in percent
+      metrics.json           {"trained": {...}, "random_init": {...}, "random_init_bn": {...}, "pixels": {...},
+                              "run": {...}}, accuracies in percent
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from semssl.engine.data import (
 )
 from semssl.engine.module import SSLModule
 from semssl.engine.monitor import FigureCallback, KNNMonitor
-from semssl.eval.evaluate import describe, evaluate
+from semssl.eval.evaluate import (
+    BASELINE_LABELS,
+    BASELINES,
+    baseline_models,
+    describe,
+    evaluate,
+)
 
 log = logging.getLogger("semssl")
 
@@ -60,8 +67,14 @@ class SSLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         # the epoch the fit loop is at (restored on resume); Lightning passes the same number to set_epoch
-        epoch = int(self.trainer.fit_loop.epoch_progress.current.processed)
-        return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank, epoch)
+        loop = self.trainer.fit_loop
+        epoch = int(loop.epoch_progress.current.processed)
+        # batches of that epoch a mid-epoch checkpoint already trained on (0 for a new run or an epoch-end one);
+        # a mid-epoch checkpoint is written at a batch end, where "processed" counts the batches trained on
+        done = int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
+        spe = steps_per_epoch(len(self.dataset), self.cfg.data.batch_size, self.trainer.world_size)
+        done = done if 0 < done < spe else 0
+        return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank, epoch, done)
 
 
 class RunFolder(pl.Callback):
@@ -91,16 +104,22 @@ class RunFolder(pl.Callback):
 
 class LastCheckpoint(Checkpoint):
     """Writes ``checkpoints/last.ckpt`` (through the trainer's atomic checkpoint IO, on global rank 0) at the end
-    of every ``every_n_epochs``-th training epoch, of the last epoch, and when training ends mid-epoch
-    (``trainer.max_steps``).
+    of every ``every_n_epochs``-th complete training epoch, of the last epoch, every ``every_n_steps``
+    optimisation steps, and at the step where ``trainer.max_steps`` ends training mid-epoch.
 
     Decision: not Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)``: that one writes ``last.ckpt``
     only in a step where it also wrote a top-k checkpoint — with ``save_top_k=0`` never before training ends —
     so a run killed, or stopped by the NaN guard, in epoch 10 had no checkpoint to resume from.
+
+    Decision: a mid-epoch checkpoint is written at the end of its training batch, never in the epoch-end hook.
+    When ``max_steps`` stops training mid-epoch, Lightning still runs the epoch-end hooks and counts the epoch
+    as processed; a checkpoint written there claims the epoch is done, and a resumed run skipped the rest of
+    it (killed after 16 of 40 steps, the resumed run ended at step 33). Written at the batch end, it records
+    the batches done, and :class:`SSLDataModule` resumes the epoch's data order right after them.
     """
 
-    def __init__(self, dirpath: Path, every_n_epochs: int) -> None:
-        self.dirpath, self.every_n_epochs = Path(dirpath), every_n_epochs
+    def __init__(self, dirpath: Path, every_n_epochs: int, every_n_steps: int = 0) -> None:
+        self.dirpath, self.every_n_epochs, self.every_n_steps = Path(dirpath), every_n_epochs, every_n_steps
         self._saved_step = -1
 
     @property
@@ -110,7 +129,18 @@ class LastCheckpoint(Checkpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.dirpath = Path(trainer.strategy.broadcast(str(self.dirpath), src=0))
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        if periodic or final:
+            self._save(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done < trainer.num_training_batches:
+            return  # max_steps ended the epoch early: saved at its last batch (see the class docstring)
         epoch = trainer.current_epoch + 1
         periodic = self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch
@@ -179,7 +209,8 @@ def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) 
     t = cfg.trainer
     loggers = [TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
                CSVLogger(str(run_dir), name="logs", version=csv_version(run_dir))]
-    ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs)
+    ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs,
+                          every_n_steps=t.checkpoint_every_n_steps)
     if t.progress_bar:
         callbacks = [*callbacks, ProgressBar(leave=True)]
     strategy = t.strategy
@@ -230,7 +261,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             math.ceil(cfg.trainer.max_steps / spe)
 
     module = SSLModule(cfg)
-    # the random-init baseline: the same method, architecture and seed, evaluated through the same features()
+    # the random-init baselines start from the same method, architecture and seed, evaluated through the same
+    # features(): as it is, with BatchNorm statistics re-estimated, and raw pixels (eval.evaluate.baseline_models)
     random_model = copy.deepcopy(module.method) if cfg.eval.enabled and cfg.eval.random_init else None
 
     folder = RunFolder(cfg, run_dir)
@@ -260,11 +292,13 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         broadcast_buffers(module.method)
         metrics["trained"] = evaluate(module.method, cfg, paths["eval_train"], paths["eval_test"], device=device)
         if random_model is not None:
-            metrics["random_init"] = evaluate(random_model.to(device), cfg, paths["eval_train"], paths["eval_test"],
-                                              device=device)
+            baselines = baseline_models(random_model, cfg, paths["eval_train"], device=device)
+            for name, model in baselines.items():
+                metrics[name] = evaluate(model, cfg, paths["eval_train"], paths["eval_test"], device=device)
     metrics["run"] = {
-        "method": cfg.method.name, "arch": cfg.model.arch, "global_step": int(trainer.global_step),
-        "epochs": int(trainer.current_epoch), "train_seconds": round(train_seconds, 1),
+        "method": cfg.method.name, "arch": cfg.model.arch, "width": cfg.model.width,
+        "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+        "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - start, 1), "world_size": int(trainer.world_size),
         "eval_train": paths["eval_train"], "eval_test": paths["eval_test"],
         "knn_monitor": monitor.history if monitor else [],
@@ -289,25 +323,38 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def print_summary(run_dir: Path, metrics: dict, console: Any = None) -> None:
+    """The trained network next to the three random-init baselines, and its gain over the best of them (per
+    column: the best baseline of the kNN column may differ from the linear one's; it is shown in bold)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     if "trained" in metrics:
-        table = Table(title=f"{metrics['run']['method']} / {metrics['run']['arch']}: "
-                            f"{metrics['run']['global_step']} steps, {metrics['run']['train_seconds']:.0f} s")
+        run = metrics["run"]
+        width = f" (width {run['width']})" if run.get("width", 64) != 64 else ""
+        table = Table(title=f"{run['method']} / {run['arch']}{width}: "
+                            f"{run['global_step']} steps, {run['train_seconds']:.0f} s")
         table.add_column("backbone")
-        table.add_column("kNN top-1 (k=20) %", justify="right")
-        table.add_column("linear top-1 (fast) %", justify="right")
-        rows = [("random init", metrics.get("random_init")), ("trained", metrics["trained"])]
-        for name, res in rows:
-            if res is None:
-                continue
-            d = describe(res)
-            table.add_row(name, f"{d['knn_top1']:.2f}", f"{d['linear_top1']:.2f}" if d["linear_top1"] is not None else "-")
-        if metrics.get("random_init"):
-            a, b = describe(metrics["trained"]), describe(metrics["random_init"])
-            table.add_row("gain", f"{a['knn_top1'] - b['knn_top1']:+.2f}",
-                          f"{a['linear_top1'] - b['linear_top1']:+.2f}" if a["linear_top1"] is not None else "-")
+        columns = {"knn_top1": "kNN top-1 (k=20) %", "linear_top1": "linear top-1 (fast) %"}
+        for title in columns.values():
+            table.add_column(title, justify="right")
+        baselines = {name: describe(metrics[name]) for name in BASELINES if metrics.get(name)}
+        trained = describe(metrics["trained"])
+        best = {key: max((b[key] for b in baselines.values() if b[key] is not None), default=None)
+                for key in columns}
+
+        def cell(value: Any, bold: bool = False) -> str:
+            if value is None:
+                return "-"
+            return f"[bold]{value:.2f}[/bold]" if bold else f"{value:.2f}"
+
+        for name, d in baselines.items():
+            table.add_row(BASELINE_LABELS[name], *(cell(d[k], len(baselines) > 1 and d[k] == best[k])
+                                                    for k in columns))
+        table.add_row("trained", *(cell(trained[k]) for k in columns))
+        if baselines:
+            gains = [f"{trained[k] - best[k]:+.2f}" if trained[k] is not None and best[k] is not None else "-"
+                     for k in columns]
+            table.add_row("gain over best baseline" if len(baselines) > 1 else "gain", *gains)
         console.print(table)
     console.print(f"Run folder: {run_dir}  (checkpoints/last.ckpt, logs/, metrics.json, config.yaml)")

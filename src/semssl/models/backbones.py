@@ -5,6 +5,10 @@ own (``backbone.stage("layer4")(layer3_map)``) so region methods (SoCo, D3SSL) c
 RoI-aligned features, and heads read their widths from ``backbone.channels``. The parameter names are those
 of ``torchvision.models.resnetXX`` (without ``fc``), so a trained backbone exports to a plain torchvision
 ``state_dict`` and a torchvision ``state_dict`` loads into it.
+
+``width`` is the ResNet base width (``model.width``): the stem has ``width`` channels and stage i has
+``width * 2**i`` planes (times 4 for ResNet-50's bottlenecks), so 64 is torchvision's network and 32 / 16 are
+narrower ones for small runs. Every channel count follows it (``channels``, ``dim``, and the heads built on them).
 """
 
 from __future__ import annotations
@@ -16,10 +20,18 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from semssl.errors import ConfigError
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+#: block type and blocks per stage of each supported depth (torchvision's resnet18/34/50)
+ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -71,10 +83,30 @@ def _norm_layer(norm: str, bn_splits: int) -> Callable[[int], nn.Module]:
     if norm == "bn":
         return partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     if norm == "gn":
-        return lambda c: nn.GroupNorm(min(32, c // 4), c)
+        def group_norm(c: int) -> nn.GroupNorm:
+            groups = min(32, c // 4)
+            if groups < 1 or c % groups:
+                raise ConfigError(f"model.norm=gn: {c} channels cannot be split into min(32, {c}//4) groups "
+                                  "(choose another model.width)")
+            return nn.GroupNorm(groups, c)
+        return group_norm
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
     raise ValueError(f"model.norm: unknown norm '{norm}' (bn, gn, frozen_bn)")
+
+
+def _make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int,
+                norm_layer: Callable[[int], nn.Module]) -> tuple[nn.Sequential, int]:
+    """One ResNet stage of torchvision's ``block`` classes (as ``ResNet._make_layer`` builds it, same module names
+    and construction order): a projection shortcut on the first block when the shape changes. Returns the stage
+    and its output channels."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(conv1x1(inplanes, out, stride), norm_layer(out))
+    layers = [block(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
+    layers += [block(out, planes, norm_layer=norm_layer) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), out
 
 
 class ResNetBackbone(nn.Module):
@@ -86,25 +118,53 @@ class ResNetBackbone(nn.Module):
         zero_init_residual: zero-init the last BN gamma of every block (SoCo's ResNet does this).
         norm: ``bn``, ``gn`` (GroupNorm) or ``frozen_bn``.
         bn_splits: > 1 makes BatchNorm compute statistics over that many sub-batches (see SplitBatchNorm2d).
+        width: base width (``model.width``): 64 = torchvision's; the stem has ``width`` channels, stage i
+            ``width * 2**i`` planes.
+
+    Decision: the trunk is assembled here from torchvision's own ``BasicBlock`` / ``Bottleneck`` / ``conv1x1``
+    (torchvision's builders only scale the bottleneck's inner width, ``width_per_group``, not the stages), in
+    torchvision's module order, with its initialisation (Kaiming-normal fan-out convs, unit/zero norms,
+    optional zero-init residual). The random stream is consumed exactly as ``torchvision.models.resnetXX()``
+    consumes it, ``fc`` included (a throwaway ``Linear`` is drawn where torchvision draws its ``fc``), so at
+    width 64 the same seed gives torchvision's initial weights, key for key and value for value.
     """
 
     def __init__(self, arch: str = "resnet50", small_input: bool = False, zero_init_residual: bool = False,
-                 norm: str = "bn", bn_splits: int = 1) -> None:
+                 norm: str = "bn", bn_splits: int = 1, width: int = 64) -> None:
         super().__init__()
-        if arch not in ("resnet18", "resnet34", "resnet50"):
+        if arch not in ARCHS:
             raise ValueError(f"model.arch: unknown backbone '{arch}' (resnet18, resnet34, resnet50)")
-        net = getattr(torchvision.models, arch)(
-            weights=None, zero_init_residual=zero_init_residual, norm_layer=_norm_layer(norm, bn_splits)
-        )
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"model.width: expected a positive int (64 = torchvision's ResNet), got {width!r}")
+        block, depths = ARCHS[arch]
+        norm_layer = _norm_layer(norm, bn_splits)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for i, (name, blocks) in enumerate(zip(STAGES, depths)):
+            stage, inplanes = _make_stage(block, inplanes, width * 2**i, blocks, 1 if i == 0 else 2, norm_layer)
+            setattr(self, name, stage)
+        nn.Linear(inplanes, 1000)  # torchvision's fc: drawn (and dropped) to keep torchvision's random stream
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
         if small_input:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-            net.maxpool = nn.Identity()
-        self.arch, self.small_input = arch, small_input
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = 4 if arch == "resnet50" else 1
-        self.channels = {name: w * expansion for name, w in zip(STAGES, (64, 128, 256, 512))}
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
+        self.arch, self.small_input, self.width = arch, small_input, width
+        self.channels = {name: width * 2**i * block.expansion for i, name in enumerate(STAGES)}
         self.strides = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
         if small_input:
             self.strides = {k: v // 4 for k, v in self.strides.items()}
@@ -179,7 +239,7 @@ class BackboneModel(nn.Module):
 def build_backbone(cfg) -> ResNetBackbone:
     """Backbone from a :class:`semssl.config.ModelConfig`."""
     model = ResNetBackbone(cfg.arch, small_input=cfg.small_input, zero_init_residual=cfg.zero_init_residual,
-                           norm=cfg.norm, bn_splits=cfg.bn_splits)
+                           norm=cfg.norm, bn_splits=cfg.bn_splits, width=cfg.width)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -188,9 +248,16 @@ def build_backbone(cfg) -> ResNetBackbone:
 def load_torchvision_weights(backbone: ResNetBackbone, state_dict: dict[str, Tensor]) -> None:
     """Load a plain torchvision ResNet ``state_dict`` (``fc.*`` ignored); missing trunk keys are an error."""
     trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in trunk.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"state_dict does not match {backbone.arch} (width {backbone.width}): shapes differ at "
+                         f"{wrong[:3]}{'...' if len(wrong) > 3 else ''}")
     missing, unexpected = backbone.load_state_dict(trunk, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"state_dict does not match {backbone.arch}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"state_dict does not match {backbone.arch} (width {backbone.width}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )

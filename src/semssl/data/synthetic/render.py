@@ -15,10 +15,10 @@ import numpy as np
 from semssl.data.synthetic import DEFAULT_NUM_CLASSES
 from semssl.data.synthetic.classes import CLASS_NAMES, class_names, class_spec
 from semssl.data.synthetic.shapes import (
-    TEXTURES,
     _HULL,
     _SHAPES,
     _UNIT_AREA,
+    TEXTURES,
     _cv_colour,
     _distinct_colour,
     _random_colours,
