@@ -18,7 +18,7 @@ from semssl.engine.checkpoint import safe_load
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semssl.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "semssl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_help_describes_every_command_and_option():

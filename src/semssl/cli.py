@@ -124,25 +124,9 @@ def _features_of(model: Any, args: argparse.Namespace, cfg: Any) -> tuple:
 
 
 def _print_result(title: str, columns: dict[str, dict[str, Any]], out: Optional[str], payload: dict) -> None:
-    """One table: a row per metric, a column per evaluated model (``model`` -> "value"; the random-init baselines
-    by their labels); ``payload`` written as JSON to ``out``."""
-    from rich.console import Console
-    from rich.table import Table
+    from semssl.eval.report import print_table
 
-    from semssl.eval.evaluate import BASELINE_LABELS
-
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in columns:
-        table.add_column("value" if name == "model" else BASELINE_LABELS.get(name, name), justify="right")
-    for key in dict.fromkeys(k for rows in columns.values() for k in rows):
-        values = [rows.get(key) for rows in columns.values()]
-        table.add_row(key, *(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values))
-    Console().print(table)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(payload, indent=2, default=float))
-        print(f"wrote {out}")
+    print_table(title, columns, out, payload)
 
 
 def _prepare(model: Any, info: dict, args: argparse.Namespace) -> None:

@@ -731,20 +731,9 @@ class ProposalCutout:
             raise ViewError(f"prc: regions must be auto, proposals or boxes, got {self.regions!r}")
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
-        key, _, valid_key = _region_keys(batch, self.regions, "prc")
-        _check_views(batch, self.views, "prc")
-        out = dict(batch)
-        out["views"] = dict(batch["views"])
-        for name in self.views:
-            x = batch["views"][name]
-            apply = torch.rand(x.shape[0], generator=generator) < self.p
-            rows = []
-            for r in range(x.shape[0]):
-                image, _ = proposal_cutout(x[r], batch[key][name][r], batch[valid_key][name][r], area=self.area,
-                                           fill=self.fill, generator=generator)
-                rows.append(image if bool(apply[r]) else x[r])
-            out["views"][name] = torch.stack(rows)
-        return out
+        return _per_row(batch, self.views, self.regions, self.p, "prc", generator,
+                        lambda x, boxes, valid: proposal_cutout(x, boxes, valid, area=self.area, fill=self.fill,
+                                                                generator=generator)[0])
 
 
 @register_batch_transform("prm")
@@ -769,20 +758,26 @@ class ProposalMask:
             raise ViewError(f"prm: regions must be auto, proposals or boxes, got {self.regions!r}")
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
-        key, _, valid_key = _region_keys(batch, self.regions, "prm")
-        _check_views(batch, self.views, "prm")
-        out = dict(batch)
-        out["views"] = dict(batch["views"])
-        for name in self.views:
-            x = batch["views"][name]
-            apply = torch.rand(x.shape[0], generator=generator) < self.p
-            rows = []
-            for r in range(x.shape[0]):
-                image, _ = proposal_mask(x[r], batch[key][name][r], batch[valid_key][name][r], scale=self.scale,
-                                         aspect=self.aspect, fill=self.fill, generator=generator)
-                rows.append(image if bool(apply[r]) else x[r])
-            out["views"][name] = torch.stack(rows)
-        return out
+        return _per_row(batch, self.views, self.regions, self.p, "prm", generator,
+                        lambda x, boxes, valid: proposal_mask(x, boxes, valid, scale=self.scale, aspect=self.aspect,
+                                                              fill=self.fill, generator=generator)[0])
+
+
+def _per_row(batch: dict, views: tuple[str, ...], regions: str, p: float, what: str, generator: torch.Generator,
+             fn: Any) -> dict:
+    """Apply ``fn(image, boxes, valid) -> image`` to every image (row) of each listed view with probability
+    ``p`` per row, on the regions ``regions`` names; the rest of the batch is shared, not copied. The
+    transform is still computed for a row that is not kept, so the random stream does not depend on ``p``."""
+    key, _, valid_key = _region_keys(batch, regions, what)
+    _check_views(batch, views, what)
+    out = dict(batch)
+    out["views"] = dict(batch["views"])
+    for name in views:
+        x = batch["views"][name]
+        apply = torch.rand(x.shape[0], generator=generator) < p
+        rows = [fn(x[r], batch[key][name][r], batch[valid_key][name][r]) for r in range(x.shape[0])]
+        out["views"][name] = torch.stack([rows[r] if bool(apply[r]) else x[r] for r in range(x.shape[0])])
+    return out
 
 
 @register_batch_transform("depositioning")

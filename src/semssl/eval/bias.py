@@ -349,9 +349,9 @@ def run(args: Any) -> int:
         models_for_eval,
         open_coco,
         payload_of,
-        print_table,
         scene_loader,
     )
+    from semssl.eval.report import print_table
 
     source = open_coco(args.data, args.images)
     cfg = BiasConfig(size=args.size, pairs=args.pairs, objects=args.objects, stages=tuple(args.stages),
@@ -381,7 +381,7 @@ def run(args: Any) -> int:
         f"random-init baselines, {args.arch or 'resnet50'}, seed {args.seed}"
     payload = payload_of(results, data=str(args.data), size=args.size)
     print_table(f"coupling rate / positional bias, canvas {prepared['canvas']} px, {res['n_pairs']} pairs, "
-                f"{res['n_objects']} objects ({source_name})", columns, args.out, payload)
+                f"{res['n_objects']} objects ({source_name})", columns, args.out, payload, digits=3)
     if args.plot or args.examples:
         from semssl.viz.bias import curves_from_payload, plot_bias, plot_canvases
 

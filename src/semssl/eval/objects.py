@@ -508,29 +508,6 @@ def models_for_eval(args: Any, calibrate: Any) -> tuple[dict[str, tuple[nn.Modul
     return out, None
 
 
-def print_table(title: str, columns: dict[str, dict[str, Any]], out: str | None, payload: dict) -> None:
-    """A rich table (a row per metric, a column per model) and ``payload`` as JSON in ``out``."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from semssl.eval.evaluate import BASELINE_LABELS
-
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in columns:
-        table.add_column("value" if name == "model" else BASELINE_LABELS.get(name, name), justify="right")
-    for key in dict.fromkeys(k for rows in columns.values() for k in rows):
-        values = [rows.get(key) for rows in columns.values()]
-        table.add_row(key, *(f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values))
-    Console().print(table)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(payload, indent=2, default=float))
-        print(f"wrote {out}")
-
-
 def payload_of(results: dict[str, dict], **extra: Any) -> dict:
     """One model: its result at the top level; the random-init baselines: ``{name: result}``."""
     body = results["model"] if set(results) == {"model"} else results
@@ -538,6 +515,8 @@ def payload_of(results: dict[str, dict], **extra: Any) -> dict:
 
 
 def run(args: Any) -> int:
+    from semssl.eval.report import print_table
+
     train = open_coco(args.train, args.train_images)
     test = open_coco(args.test, args.test_images)
     cfg = ObjectsConfig(size=args.size, resize=args.resize, min_side=args.min_side, k=args.k,
@@ -553,5 +532,5 @@ def run(args: Any) -> int:
     source = models["model"][1]["source"] if set(models) == {"model"} else \
         f"random-init baselines, {args.arch or 'resnet50'}, seed {args.seed}"
     print_table(f"O-KNN, k={args.k}, T={args.temperature}, {args.size} px ({source})", columns, args.out,
-                payload_of(results, train=str(args.train), test=str(args.test), size=args.size))
+                payload_of(results, train=str(args.train), test=str(args.test), size=args.size), digits=3)
     return 0
