@@ -162,7 +162,7 @@ def test_step_time_refuses_small_images_and_bad_batches(capsys):
     assert step_time.main(["--size", "64"]) == 2
     assert "use >= 96 px" in capsys.readouterr().err
     assert step_time.main(["--batch", "12"]) == 2  # the main recipe has bn_splits 8
-    assert "not divisible by the recipe's model.bn_splits=8" in capsys.readouterr().err
+    assert "is not divisible by model.bn_splits = 8" in capsys.readouterr().err  # the config check
     assert step_time.main(["model.nope=1"]) == 2
     assert "model.nope" in capsys.readouterr().err
 
