@@ -86,3 +86,45 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_synth: Path, tmp_
     resumed = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["global_step"] == resumed["global_step"] == end
     _assert_same_training_state(full, resumed)
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(tiny_synth: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import signal as _signal
+
+    from semssl.engine.module import SSLModule
+
+    real = SSLModule.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(SSLModule, "training_step", interrupted)
+    before = _signal.getsignal(_signal.SIGINT)
+    args = tiny_overrides(tiny_synth, tmp_path / "runs") + ["eval.enabled=false", "trainer.run_name=ctrlc",
+                                                             "trainer.checkpoint_every_n_steps=2"]
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with code 1
+            main(["pretrain", *args])
+    finally:
+        _signal.signal(_signal.SIGINT, before)  # Lightning ignores further Ctrl-C while it shuts down
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "ctrlc"
+    assert "interrupted at step 3" in err and f"semssl pretrain --resume {run}" in err
+    assert safe_load(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_a_full_disk_is_one_clear_line(monkeypatch, capsys) -> None:
+    import errno
+
+    from semssl.engine import run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/.last.ckpt.tmp")
+
+    monkeypatch.setattr(run, "pretrain", full)
+    assert main(["pretrain", "trainer.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device: runs/x/checkpoints/.last.ckpt.tmp" in err and "previous checkpoint" in err
+    assert "Traceback" not in err

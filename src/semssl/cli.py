@@ -400,6 +400,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SemsslError as err:  # data, checkpoint, diverging loss: one clear line, no traceback
         print(f"semssl: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a read-only output folder, a full disk, a file that vanished
+        import errno
+
+        what = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        hint = ""
+        if err.errno == errno.ENOSPC:
+            hint = (" (checkpoints are written to a temporary file and renamed, so the previous checkpoint, if any, "
+                    "is intact; free space, then resume with --resume RUN_DIR)")
+        elif err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            hint = " (choose a writable folder with trainer.out_dir=... or --out)"
+        print(f"semssl: cannot continue: {what}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -150,6 +151,21 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._saved_step != trainer.global_step:
             self._save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C: say where the last checkpoint is and how to resume (Lightning then exits with code 1).
+
+        Decision: no checkpoint is written on the way out — the interrupt may land inside a step, and a
+        checkpoint of a half-done step would not resume exactly; the last one written is consistent."""
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        run_dir = self.dirpath.parent
+        if self.path.exists():
+            where = (f"the last checkpoint ({self._saved_step if self._saved_step >= 0 else 'an earlier run'}"
+                     f" step) is {self.path}; resume with: semssl pretrain --resume {run_dir}")
+        else:
+            where = f"no checkpoint was written yet ({run_dir}); start the run again"
+        print(f"semssl: interrupted at step {trainer.global_step}; {where}", file=sys.stderr)
 
     def _save(self, trainer: pl.Trainer) -> None:
         # every rank calls it (a barrier); rank 0 writes. Lightning's save-side ``weights_only`` option is set
