@@ -13,8 +13,8 @@ import torch
 import torchvision
 from conftest import tiny_overrides
 
+from semssl.checkpoints import safe_load
 from semssl.cli import build_parser, main
-from semssl.engine.checkpoint import safe_load
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

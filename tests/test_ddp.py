@@ -336,7 +336,7 @@ def test_engine_knn_is_identical_on_both_ranks(engine_ranks: tuple[Path, list[di
     assert metrics["trained"] == final
     assert metrics["run"]["knn_monitor"] == [{"epoch": 1, "knn_top1": monitor["knn_top1"]}]
     # the same checkpoint evaluated by one process gives the same kNN accuracy
-    from semssl.engine.checkpoint import load_model
+    from semssl.checkpoints import load_model
     from semssl.eval.evaluate import evaluate
 
     model, _, _ = load_model(Path(r0["run_dir"]))
@@ -351,7 +351,7 @@ def test_engine_checkpoint_holds_what_both_ranks_held(engine_ranks: tuple[Path, 
     """The queue, and every other parameter and buffer after the final evaluation. Regression: each rank kept
     the BatchNorm statistics of its own last batch, so the ranks evaluated their shards with different models,
     neither of them the checkpointed one (the kNN accuracy was 15.0 under DDP, 17.5 from the checkpoint)."""
-    from semssl.engine.checkpoint import safe_load
+    from semssl.checkpoints import safe_load
 
     _, (r0, r1) = engine_ranks
     assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["ptr"], r1["ptr"])

@@ -21,8 +21,8 @@ import torch
 from conftest import tiny_overrides
 from test_resume import _assert_same_training_state
 
+from semssl.checkpoints import safe_load
 from semssl.cli import main
-from semssl.engine.checkpoint import safe_load
 
 CHILD = """
 import sys, time

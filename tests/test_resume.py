@@ -26,9 +26,9 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from semssl import checkpoints as ckpt_module
+from semssl.checkpoints import atomic_torch_save, load_model, safe_load
 from semssl.config import Config, from_dict, load_config, to_dict
-from semssl.engine import checkpoint as ckpt_module
-from semssl.engine.checkpoint import atomic_torch_save, load_model, safe_load
 from semssl.engine.module import SSLModule
 from semssl.engine.run import RUN_DIR_ENV, pretrain, resume_config
 from semssl.errors import NonFiniteLossError

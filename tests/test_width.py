@@ -13,9 +13,9 @@ import torchvision
 from conftest import tiny_overrides
 
 from semssl.bench import MethodStep, random_views
+from semssl.checkpoints import load_model
 from semssl.cli import main
 from semssl.config import DEFAULT_RECIPE, load_config
-from semssl.engine.checkpoint import load_model
 from semssl.engine.run import pretrain
 from semssl.errors import CheckpointError, ConfigError
 from semssl.models.backbones import ResNetBackbone, build_backbone

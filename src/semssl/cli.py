@@ -75,36 +75,16 @@ def _eval_config(args: argparse.Namespace, info_cfg: Any) -> Any:
     return cfg
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict, Any]:
-    """The model to evaluate (a method from a semssl checkpoint, or a bare backbone), its info, its config."""
-    from semssl.engine.checkpoint import load_model
-
-    if not args.checkpoint:
-        raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
-                         " or --random-init")
-    return load_model(args.checkpoint, arch=args.arch)
-
-
 def _models_for_eval(args: argparse.Namespace) -> tuple[dict[str, tuple[Any, dict]], Any]:
     """``{name: (model, info)}`` and the evaluation config: a checkpoint's model under ``model``; with
     ``--random-init`` the three baselines of a pre-training run (``random_init``; ``random_init_bn``, BatchNorm
     statistics re-estimated on ``--train``; ``pixels``, see :func:`semssl.eval.evaluate.baseline_models`)."""
-    if not args.random_init:
-        model, info, cfg = _load_for_eval(args)
-        return {"model": (model, info)}, _eval_config(args, cfg)
-    import torch
+    from semssl.eval.evaluate import baseline_models
+    from semssl.eval.report import models_for_eval
 
-    from semssl.eval.evaluate import BASELINE_LABELS, baseline_models
-    from semssl.models.backbones import BackboneModel, ResNetBackbone
-
-    cfg = _eval_config(args, None)
-    arch = args.arch or "resnet50"
-    torch.manual_seed(args.seed)
-    model = BackboneModel(ResNetBackbone(arch, small_input=args.small_input, width=args.width)).eval()
-    network = {"arch": arch, "width": args.width, "small_input": args.small_input}
-    common = {"seed": args.seed, "method": None, "default_branch": "online"}
-    return {name: (m, {"source": BASELINE_LABELS[name], **(network if name != "pixels" else {}), **common})
-            for name, m in baseline_models(model, cfg, args.train).items()}, cfg
+    fresh = _eval_config(args, None) if args.random_init else None
+    models, cfg = models_for_eval(args, lambda random_model: baseline_models(random_model, fresh, args.train))
+    return models, fresh if args.random_init else _eval_config(args, cfg)
 
 
 def _check_kind(model: Any, kind: str) -> str:
@@ -134,13 +114,6 @@ def _prepare(model: Any, info: dict, args: argparse.Namespace) -> None:
     info["features"] = _check_kind(model, args.features)
 
 
-def _payload(results: dict[str, dict], args: argparse.Namespace, **extra: Any) -> dict:
-    """JSON of an evaluation: ``{<protocol>: ..., "model": ...}`` for one model; ``{"random_init": {...},
-    "random_init_bn": {...}, "pixels": {...}}`` (each ``{<protocol>: ..., "model": ...}``) for the baselines."""
-    body = results["model"] if set(results) == {"model"} else results
-    return {**body, "train": args.train, "test": args.test, **extra}
-
-
 def _title(protocol: str, models: dict[str, tuple[Any, dict]], args: argparse.Namespace) -> str:
     if set(models) == {"model"}:
         return f"{protocol} ({models['model'][1]['source']})"
@@ -151,6 +124,7 @@ def _title(protocol: str, models: dict[str, tuple[Any, dict]], args: argparse.Na
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     from semssl.eval.knn import knn_evaluate
+    from semssl.eval.report import payload_of
 
     models, cfg = _models_for_eval(args)
     results, columns = {}, {}
@@ -161,12 +135,13 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         results[name] = {"knn": res, "model": info}
         columns[name] = {k: v for k, v in res.items() if k.endswith("_top1") or k.endswith("_top5")}
     _print_result(_title(f"kNN, T={args.temperature}", models, args), columns, args.out,
-                  _payload(results, args, size=cfg.data.eval_size))
+                  payload_of(results, train=args.train, test=args.test, size=cfg.data.eval_size))
     return 0
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
     from semssl.eval.linear import FastLinearConfig, linear_fast
+    from semssl.eval.report import payload_of
 
     models, cfg = _models_for_eval(args)
     results, columns = {}, {}
@@ -184,7 +159,22 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
         results[name] = {"linear": res, "model": info}
         columns[name] = {k: v for k, v in res.items() if k in ("linear_top1", "linear_top5", "best_lr", "epochs")}
     _print_result(_title(f"linear probe, {args.protocol} protocol", models, args), columns, args.out,
-                  _payload(results, args, size=cfg.data.eval_size))
+                  payload_of(results, train=args.train, test=args.test, size=cfg.data.eval_size))
+    return 0
+
+
+def cmd_eval_bias(args: argparse.Namespace) -> int:
+    """``semssl eval bias``: measure (semssl.eval.bias), then draw ``--plot`` / ``--examples`` (semssl.viz.bias)."""
+    from semssl.eval.bias import measure
+
+    res = measure(args)
+    if args.plot or args.examples:
+        from semssl.viz.bias import curves_from_payload, plot_bias, plot_canvases
+
+        if args.plot:
+            print(f"wrote {plot_bias(curves_from_payload(res['payload'], res['label']), args.plot, res['title'])}")
+        if args.examples:
+            print(f"wrote {plot_canvases(res['prepared'], args.examples)}")
     return 0
 
 
@@ -216,10 +206,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_proposals(args: argparse.Namespace) -> int:
-    from semssl.data.proposals import proposals_command
+    """Compute / refresh (or with ``--check`` only inspect: exit 1 when stale) the proposals cache of a COCO JSON
+    or an image folder, listing the images exactly as the sources do (so it is the cache a source reads)."""
+    from semssl.data.proposals import check_proposals, ensure_proposals, parse_params
+    from semssl.data.sources import CocoSource, ImageFolderSource, build_source
+    from semssl.errors import DataError
 
-    code, summary = proposals_command(args.path, workers=args.workers, cache=args.cache, check=args.check,
-                                      force=args.force, params=args.param)
+    source = build_source(args.path)
+    if isinstance(source, CocoSource):
+        paths, base_dir, location = list(source.paths), source.images_dir, source.annotation_json
+    elif isinstance(source, ImageFolderSource):
+        paths, base_dir, location = list(source.paths), source.root, source.root
+    else:
+        raise DataError(f"proposals are cached for COCO annotation files and image folders, not for "
+                        f"'{args.path}' ({type(source).__name__})")
+    settings = parse_params(args.param)
+    if args.check:
+        state = check_proposals(paths, base_dir, location, settings, cache_path=args.cache)
+        code, summary = (0 if state.fresh else 1), {"cache": str(state.path), "images": state.n_files,
+                                                    "fresh": state.fresh, "status": state.describe()}
+    else:
+        code, (_, summary) = 0, ensure_proposals(paths, base_dir, location, settings, cache_path=args.cache,
+                                                 workers=args.workers, force=args.force)
     print(json.dumps(summary, indent=2))
     return code
 
@@ -255,17 +263,10 @@ def _positive(kind: type, low: float = 1, open_low: bool = False):
 
 
 def _add_eval_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
-    p.add_argument("--random-init", action="store_true",
-                   help="evaluate the random-init baselines instead: the random backbone as it is, with BatchNorm "
-                        "statistics re-estimated on --train, and raw pixels (centred on --train)")
-    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
-                   help="architecture of a plain state_dict / random init (inferred from the keys if omitted)")
-    p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
-    p.add_argument("--width", type=int, default=64,
-                   help="random init only: ResNet base width (64 = torchvision's; a checkpoint's is read from it)")
-    p.add_argument("--branch", choices=["online", "teacher"],
-                   help="which network of a semssl checkpoint (default: the method's: teacher for DINO/SCFS)")
+    from semssl.eval.report import add_model_options
+
+    add_model_options(p, "evaluate the random-init baselines instead: the random backbone as it is, with BatchNorm "
+                         "statistics re-estimated on --train, and raw pixels (centred on --train)")
     p.add_argument("--drop-unknown-classes", action="store_true",
                    help="leave out (and count) test images of classes absent from --train instead of failing; "
                         "labels are always matched by class name")
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         pscene = esub.add_parser(name, help=module.HELP, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(pscene)
-        pscene.set_defaults(func=module.run)
+        pscene.set_defaults(func=module.run if name == "objects" else cmd_eval_bias)
 
     from semssl.viz import figure_modules
 

@@ -631,20 +631,6 @@ class SourceProposals:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def dataset_files(path: str | os.PathLike[str]) -> tuple[list[Path], Path, Path]:
-    """``(image paths, images folder, location)`` of a COCO JSON or an image folder, as the sources list them
-    (so the cache written for ``semssl data proposals PATH`` is the one the source reads)."""
-    from semssl.data.sources import CocoSource, ImageFolderSource, build_source
-
-    source = build_source(path)
-    if isinstance(source, CocoSource):
-        return list(source.paths), source.images_dir, source.annotation_json
-    if isinstance(source, ImageFolderSource):
-        return list(source.paths), source.root, source.root
-    raise DataError(f"proposals are cached for COCO annotation files and image folders, not for '{path}' "
-                    f"({type(source).__name__})")
-
-
 def parse_params(items: Sequence[str]) -> ProposalParams:
     """``["reference_size=null", "max_side=500"]`` (values parsed as YAML) -> :class:`ProposalParams`."""
     import yaml
@@ -656,19 +642,3 @@ def parse_params(items: Sequence[str]) -> ProposalParams:
             raise DataError(f"--param {item!r}: expected KEY=VALUE, e.g. reference_size=null")
         values[key.strip()] = yaml.safe_load(raw)
     return as_params(values)
-
-
-def proposals_command(path: str, workers: Optional[int] = None, cache: Optional[str] = None,
-                      check: bool = False, force: bool = False, params: Sequence[str] = ()) -> tuple[int, dict]:
-    """``semssl data proposals``: compute / refresh (or with ``check`` only inspect) the cache of a dataset with
-    the parameters ``params`` (``KEY=VALUE`` items, :func:`parse_params`); returns ``(exit code, summary)`` — exit
-    code 1 when ``check`` finds the cache stale."""
-    paths, base_dir, location = dataset_files(path)
-    settings = parse_params(params)
-    if check:
-        state = check_proposals(paths, base_dir, location, settings, cache_path=cache)
-        return (0 if state.fresh else 1), {"cache": str(state.path), "images": state.n_files, "fresh": state.fresh,
-                                           "status": state.describe()}
-    _, summary = ensure_proposals(paths, base_dir, location, settings, cache_path=cache, workers=workers,
-                                  force=force)
-    return 0, summary

@@ -8,7 +8,6 @@ them, on the number of workers or processes, or on whether the run was resumed â
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semssl.data.regions import build_batch_transform
 from semssl.data.sources import build_source
-from semssl.data.synthetic import SynthConfig
+from semssl.data.synthetic import synth_config
 from semssl.data.synthetic.build import ensure_synthetic
 from semssl.data.views import Collate, MultiViewTransform
 
@@ -103,12 +102,6 @@ def build_collate(cfg: Any) -> Collate:
     """Collation into the Batch contract, then ``cfg.data.batch_transforms`` (seeded per batch from its samples)."""
     transforms = [build_batch_transform(**dict(item)) for item in cfg.data.batch_transforms]
     return Collate(transforms, seed=cfg.trainer.seed)
-
-
-def synth_config(cfg: Any) -> SynthConfig:
-    """The generator's config: the recipe's ``data.synthetic`` without its ``root``."""
-    fields = {f.name for f in dataclasses.fields(SynthConfig)}
-    return SynthConfig(**{k: v for k, v in vars(cfg.data.synthetic).items() if k in fields})
 
 
 def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:

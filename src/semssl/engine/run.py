@@ -37,13 +37,13 @@ from semssl.config import (
     load_yaml,
 )
 from semssl.distributed import broadcast_buffers
-from semssl.engine.checkpoint import AtomicCheckpointIO
 from semssl.engine.data import (
     build_train_dataset,
     resolve_paths,
     steps_per_epoch,
     train_loader,
 )
+from semssl.engine.io import AtomicCheckpointIO
 from semssl.engine.module import SSLModule
 from semssl.engine.monitor import FigureCallback, KNNMonitor
 from semssl.eval.evaluate import (

@@ -342,16 +342,17 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--examples", help="also draw the first canvases (PNG): the pairs and tilings measured")
 
 
-def run(args: Any) -> int:
+def measure(args: Any) -> dict[str, Any]:
+    """``semssl eval bias`` without its figures: measure, print the table, write ``--out``; returns the payload,
+    the prepared crops, the curve label and the title, which the command line hands to
+    :mod:`semssl.viz.bias` for ``--plot`` / ``--examples`` (figures sit above evaluation, not inside it)."""
     from semssl.eval.evaluate import reestimate_bn
     from semssl.eval.objects import (
         SceneObjects,
-        models_for_eval,
         open_coco,
-        payload_of,
         scene_loader,
     )
-    from semssl.eval.report import print_table
+    from semssl.eval.report import models_for_eval, payload_of, print_table
 
     source = open_coco(args.data, args.images)
     cfg = BiasConfig(size=args.size, pairs=args.pairs, objects=args.objects, stages=tuple(args.stages),
@@ -382,12 +383,5 @@ def run(args: Any) -> int:
     payload = payload_of(results, data=str(args.data), size=args.size)
     print_table(f"coupling rate / positional bias, canvas {prepared['canvas']} px, {res['n_pairs']} pairs, "
                 f"{res['n_objects']} objects ({source_name})", columns, args.out, payload, digits=3)
-    if args.plot or args.examples:
-        from semssl.viz.bias import curves_from_payload, plot_bias, plot_canvases
-
-        if args.plot:
-            label = str(models["model"][1].get("method") or Path(str(args.checkpoint)).stem) if single else ""
-            print(f"wrote {plot_bias(curves_from_payload(payload, label), args.plot, source_name)}")
-        if args.examples:
-            print(f"wrote {plot_canvases(prepared, args.examples)}")
-    return 0
+    label = str(models["model"][1].get("method") or Path(str(args.checkpoint)).stem) if single else ""
+    return {"payload": payload, "prepared": prepared, "label": label, "title": source_name}

@@ -180,8 +180,8 @@ def synthetic_scenes_json(split: str, cfg: Any = None) -> str:
     """The annotations.json of the built-in scenes' ``split`` (generated if missing, with ``cfg.data.synthetic``
     when a run config is given, else the defaults)."""
     from semssl.config import Config
+    from semssl.data.synthetic import synth_config
     from semssl.data.synthetic.build import ensure_synthetic
-    from semssl.engine.data import synth_config
 
     cfg = cfg if cfg is not None else Config()
     root = ensure_synthetic(Path(cfg.data.synthetic.root) if cfg.data.synthetic.root else None, synth_config(cfg))
@@ -519,7 +519,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     """The checkpoint's model (eval mode), its info and its run config (None for a plain state_dict)."""
-    from semssl.engine.checkpoint import load_model
+    from semssl.checkpoints import load_model
 
     if not args.checkpoint:
         raise ConfigError("semssl eval dense: give --checkpoint (a run folder, a .ckpt, or a torchvision "

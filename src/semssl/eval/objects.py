@@ -443,16 +443,10 @@ HELP = "object-level kNN (O-KNN) and disturbed O-KNN on COCO-style ground-truth 
 
 def add_model_arguments(parser: Any) -> None:
     """The model options ``semssl eval objects`` and ``semssl eval bias`` share."""
-    parser.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict")
-    parser.add_argument("--random-init", action="store_true",
-                        help="evaluate the random-init baselines instead (the random backbone as it is, and with "
-                             "BatchNorm statistics re-estimated on the data)")
-    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
-                        help="architecture of a plain state_dict / random init (default resnet50 for random init)")
-    parser.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
-    parser.add_argument("--width", type=int, default=64, help="random init only: ResNet base width")
-    parser.add_argument("--branch", choices=["online", "teacher"],
-                        help="which network of a semssl checkpoint (default: the method's)")
+    from semssl.eval.report import add_model_options
+
+    add_model_options(parser, "evaluate the random-init baselines instead (the random backbone as it is, and "
+                              "with BatchNorm statistics re-estimated on the data)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--seed", type=int, default=0,
                         help="random init's seed, and the seed of every random choice of the protocol")
@@ -481,41 +475,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
 
 
-def models_for_eval(args: Any, calibrate: Any) -> tuple[dict[str, tuple[nn.Module, dict]], Any | None]:
-    """``{name: (model, info)}``: a checkpoint's model under ``model``, or with ``--random-init`` the baselines
-    ``calibrate(random_model)`` builds (``{name: model}``); and the checkpoint's config (None otherwise)."""
-    if not args.random_init:
-        from semssl.engine.checkpoint import load_model
-
-        if not args.checkpoint:
-            raise SystemExit("semssl eval: give --checkpoint (a run folder, a .ckpt, or a torchvision state_dict)"
-                             " or --random-init")
-        model, info, cfg = load_model(args.checkpoint, arch=args.arch)
-        info["branch"] = model.resolve_branch(args.branch)
-        return {"model": (model, info)}, cfg
-    from semssl.eval.evaluate import BASELINE_LABELS
-    from semssl.models.backbones import BackboneModel, ResNetBackbone
-
-    arch = args.arch or "resnet50"
-    torch.manual_seed(args.seed)
-    random_model = BackboneModel(ResNetBackbone(arch, small_input=args.small_input, width=args.width)).eval()
-    network = {"arch": arch, "width": args.width, "small_input": args.small_input}
-    out = {}
-    for name, model in calibrate(random_model).items():
-        info = {"source": BASELINE_LABELS.get(name, name), "seed": args.seed, "method": None,
-                "default_branch": "online", "branch": "online", **(network if name != "pixels" else {})}
-        out[name] = (model, info)
-    return out, None
-
-
-def payload_of(results: dict[str, dict], **extra: Any) -> dict:
-    """One model: its result at the top level; the random-init baselines: ``{name: result}``."""
-    body = results["model"] if set(results) == {"model"} else results
-    return {**body, **extra}
-
-
 def run(args: Any) -> int:
-    from semssl.eval.report import print_table
+    from semssl.eval.report import models_for_eval, payload_of, print_table
 
     train = open_coco(args.train, args.train_images)
     test = open_coco(args.test, args.test_images)

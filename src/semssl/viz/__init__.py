@@ -18,7 +18,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+
+def save_figure(fig: Any, out: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure to ``out`` (PNG; its folder created), close it, and return the path."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
 
 
 def figure_modules() -> dict[str, ModuleType]:

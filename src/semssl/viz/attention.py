@@ -34,6 +34,7 @@ from semssl.data.augment import denormalize, normalize
 from semssl.errors import ConfigError
 from semssl.losses.scfs import search_attention
 from semssl.models.backbones import STAGES
+from semssl.viz import save_figure
 
 HELP = "attention maps of 2x2 jigsaw local crops over the global image's stage map (SCFS Fig. 3)"
 
@@ -128,11 +129,7 @@ def draw(image: Tensor, crops: Tensor, maps: Tensor, mean_map: Tensor, out: Path
         ax.axis("off")
     fig.suptitle(f"{title}  cosine range [{vmin:.3f}, {vmax:.3f}]".strip(), fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def local_size_for(cfg: Any, size: int) -> int:
@@ -155,7 +152,7 @@ def draw_attention(model: Any, image: str | Path | PIL.Image.Image, out: str | P
 
 
 def run(args: argparse.Namespace) -> int:
-    from semssl.engine.checkpoint import load_model
+    from semssl.checkpoints import load_model
 
     model, info, cfg = load_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_attention_{args.stage}.png")

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from semssl.viz import save_figure
+
 HELP = ("coupling rate and positional bias (3x3 mean cosine) per stage from `semssl eval bias` JSON files, one "
         "line per checkpoint (D3SSL Figs. 3-4)")
 
@@ -68,11 +70,7 @@ def plot_bias(curves: Mapping[str, Mapping[str, Any]], out: str | Path, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def plot_canvases(prepared: Mapping[str, Any], out: str | Path, count: int = 3) -> Path:
@@ -106,11 +104,7 @@ def plot_canvases(prepared: Mapping[str, Any], out: str | Path, count: int = 3) 
     axes[0][1].set_title("CR: A alone")
     axes[0][2].set_title("MCS: 3x3 tiling")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from semssl.errors import ConfigError, DataError
+from semssl.viz import save_figure
 
 HELP = "cluster maps: each pixel coloured by its k-means / prototype assignment (DSC Fig. 6 in spirit)"
 
@@ -160,15 +161,12 @@ def draw(images: Tensor, maps: Tensor, out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 # -- entry points ------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from semssl.engine.checkpoint import load_model
+    from semssl.checkpoints import load_model
 
     model, info, cfg = load_model(args.checkpoint)
     images = load_images(args.images, args.n, args.size, cfg)

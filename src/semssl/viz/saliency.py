@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semssl.errors import ConfigError, DataError
+from semssl.viz import save_figure
 
 HELP = "SCD saliency maps overlaid on images (paper Figs. 4-6)"
 
@@ -114,14 +115,11 @@ def draw(images: Tensor, maps: Tensor, out: Path, title: str = "", columns: int 
         fig.colorbar(last, ax=axes.ravel().tolist(), shrink=0.6, label="M^fg")
     if title:
         fig.suptitle(title, fontsize=9)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def run(args: argparse.Namespace) -> int:
-    from semssl.engine.checkpoint import load_model
+    from semssl.checkpoints import load_model
 
     model, info, cfg = load_model(args.checkpoint)
     size = args.size or (cfg.data.eval_size if cfg is not None else 224)

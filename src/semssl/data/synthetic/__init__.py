@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,6 +115,12 @@ class SynthConfig:
                 bound = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
                 why = " (at least one image per class)" if name.endswith("_objects") else ""
                 raise SynthConfigError(f"SynthConfig.{name} = {value!r}: must be {bound}{why}")
+
+
+def synth_config(cfg: Any) -> SynthConfig:
+    """The generator's config of a run config: its ``data.synthetic`` section without ``root``."""
+    names = {f.name for f in fields(SynthConfig)}
+    return SynthConfig(**{k: v for k, v in vars(cfg.data.synthetic).items() if k in names})
 
 
 def default_root() -> Path:

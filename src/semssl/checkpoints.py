@@ -1,4 +1,7 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, and backbones loaded for evaluation.
+"""Checkpoints: written atomically, read with ``weights_only=True``, and models loaded for evaluation.
+
+Below the engine and the evaluations (no Lightning here), so evaluation drivers and figures load checkpoints
+without importing the training engine; :class:`semssl.engine.io.AtomicCheckpointIO` is the Lightning side.
 
 A checkpoint holds tensors and plain values only (the config as a plain dict, RNG states as tensors), so it can
 be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict``.
@@ -12,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from semssl.config import Config, ConfigError, from_dict
@@ -51,16 +53,6 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint ({err})") from err
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO: atomic writes, weights-only reads."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        atomic_torch_save(checkpoint, Path(path))
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict:
-        return safe_load(path, map_location=map_location or "cpu")
 
 
 def find_checkpoint(path: str | Path) -> Path:
