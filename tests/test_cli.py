@@ -4,6 +4,7 @@ evaluation of a run / a plain torchvision state_dict, and clear errors."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,26 @@ def test_eval_rejects_a_bad_checkpoint(tmp_path: Path, tiny_synth: Path, capsys)
                  "--test", str(tiny_synth / "objects" / "test")])
     assert code == 1
     assert "bad.ckpt" in capsys.readouterr().err
+
+
+def test_a_dataset_smaller_than_a_batch_is_a_clear_error(tiny_synth: Path, tmp_path: Path, capsys):
+    """96 training images, data.batch_size=128: the loader drops the partial batch, so 0 steps per epoch."""
+    args = tiny_overrides(tiny_synth, tmp_path / "runs") + ["data.batch_size=128", "eval.enabled=false"]
+    assert main(["pretrain", *args]) == 1
+    err = capsys.readouterr().err
+    assert "96 images are fewer than one batch (data.batch_size=128)" in err and "0 steps" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()  # stopped before any run folder
+
+
+def test_one_step_per_epoch_is_a_warning(tiny_synth: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """96 training images, data.batch_size=64: one full batch per epoch, the other 32 images left out."""
+    args = tiny_overrides(tiny_synth, tmp_path / "runs") + ["data.batch_size=64", "trainer.max_epochs=1",
+                                                             "eval.enabled=false", "trainer.run_name=one"]
+    with caplog.at_level(logging.INFO, logger="semssl"):
+        assert main(["pretrain", *args]) == 0
+    assert "96 images make only 1 step/epoch at data.batch_size=64 (32 images left out of each epoch)" in caplog.text
+    assert f"run folder: {tmp_path / 'runs' / 'one'} (96 images, 1 step/epoch, 1 epoch)" in caplog.text
+    assert "steps/epoch" not in caplog.text
 
 
 def test_data_synth_and_check(tmp_path: Path):

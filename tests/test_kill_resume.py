@@ -128,3 +128,65 @@ def test_a_full_disk_is_one_clear_line(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert "No space left on device: runs/x/checkpoints/.last.ckpt.tmp" in err and "previous checkpoint" in err
     assert "Traceback" not in err
+
+
+def _one_clear_line(err: str, path: Path) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("semssl:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in lines[0] and "trainer.out_dir" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["run folder", "checkpoint"])
+def test_a_read_only_output_folder_is_one_clear_line(where: str, tiny_synth: Path, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    """The tests run as root, for whom no folder is read-only: the OS error is simulated where the run writes,
+    through the real command line and Lightning. The run folder cannot be made (EACCES), or the folder turned
+    read-only (EROFS) by the time the first checkpoint is written."""
+    import errno
+    import tempfile
+
+    out = tmp_path / "runs"
+    run = out / "ro"
+    if where == "run folder":
+        real_mkdir = Path.mkdir
+
+        def mkdir(self: Path, *args, **kwargs) -> None:
+            if self == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+        path, reason = run, "Permission denied"
+    else:
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == run / "checkpoints":
+                raise OSError(errno.EROFS, "Read-only file system", str(dir))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        path, reason = run / "checkpoints", "Read-only file system"
+    args = tiny_overrides(tiny_synth, out) + ["eval.enabled=false", "trainer.run_name=ro", "trainer.max_steps=2"]
+    assert main(["pretrain", *args]) == 1
+    line = _one_clear_line(capsys.readouterr().err, path)
+    assert f"{reason}: {path}" in line
+
+
+def test_an_immutable_output_folder_is_one_clear_line(tiny_synth: Path, tmp_path: Path, capsys) -> None:
+    """A real unwritable folder, even for root: ``chattr +i`` (skipped where chattr is missing or not allowed)."""
+    import shutil
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        args = tiny_overrides(tiny_synth, out) + ["eval.enabled=false", "trainer.run_name=ro", "trainer.max_steps=2"]
+        assert main(["pretrain", *args]) == 1
+    finally:
+        subprocess.run([chattr, "-i", str(out)], check=True)
+    assert "Operation not permitted" in _one_clear_line(capsys.readouterr().err, out / "ro")
+    assert list(out.iterdir()) == []

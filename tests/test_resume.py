@@ -190,6 +190,21 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(runs: dict[str, Path],
     assert safe_load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 12
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoints_follow_the_umask(umask: int, mode: int, tmp_path: Path) -> None:
+    """The temporary file mkstemp makes is private (0600); the checkpoint gets the mode open() would give it."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    before = os.umask(umask)
+    try:
+        atomic_torch_save({"x": torch.ones(3)}, path)
+        atomic_torch_save({"x": torch.zeros(3)}, path)  # replacing a checkpoint too
+        assert os.umask(umask) == umask  # reading the umask left it as it was
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == mode
+    assert safe_load(path)["x"].sum() == 0 and _checkpoint_files(tmp_path) == ["last.ckpt"]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss turns NaN at step 8 (epoch 1): the run stops there, and epoch 0's checkpoint (step 6) is kept.

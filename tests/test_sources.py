@@ -511,6 +511,27 @@ def test_bad_files_raise_when_asked(tmp_path: Path) -> None:
         src[4]
 
 
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_the_training_log_says_skipped_only_when_bad_files_are_skipped(
+        on_error: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from semssl.config import load_config
+    from semssl.engine.data import build_train_dataset
+
+    _folder_with_bad_files(tmp_path)
+    cfg = load_config(None, [f"data.on_error={on_error}"])
+    if on_error == "raise":  # fails before training, naming the files, and never says "skipped"
+        with caplog.at_level(logging.WARNING, logger="semssl.data"), \
+                pytest.raises(DataError, match=r"2 unreadable file\(s\) in .*data.on_error=raise") as err:
+            build_train_dataset(cfg, str(tmp_path))
+        assert "will be skipped" not in caplog.text and "will be skipped" not in str(err.value)
+        return
+    with caplog.at_level(logging.WARNING, logger="semssl.data"):
+        build_train_dataset(cfg, str(tmp_path))
+    summary = [r.getMessage() for r in caplog.records if "unreadable file(s)" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].startswith(f"2 unreadable file(s) in {tmp_path}")
+    assert "will be skipped" in summary[0]
+
+
 def test_every_file_bad_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"nope")
     (tmp_path / "b.jpg").write_bytes(b"")

@@ -26,13 +26,23 @@ from semssl.models.backbones import (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a crash never
-    leaves a half-written checkpoint where a good one was."""
+    leaves a half-written checkpoint where a good one was.
+
+    The file gets the mode ``open()`` would give it (``0o666`` less the umask), not mkstemp's private ``0o600``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -9,7 +9,6 @@ them, on the number of workers or processes, or on whether the run was resumed â
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,6 +20,7 @@ from semssl.data.sources import build_source
 from semssl.data.synthetic import synth_config
 from semssl.data.synthetic.build import ensure_synthetic
 from semssl.data.views import Collate, MultiViewTransform
+from semssl.errors import DataError
 
 log = logging.getLogger("semssl.data")
 
@@ -136,8 +136,13 @@ def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
     source = build_source(path, on_error=cfg.data.on_error, **regions)
     if cfg.data.check_files and len(source) <= 20000 and hasattr(source, "check"):
         bad = source.check()
-        if bad:
+        if bad and cfg.data.on_error == "skip":
             log.warning("%d unreadable file(s) in %s will be skipped", len(bad), path)
+        elif bad:  # on_error=raise: fail now, before any folder or step, naming the files
+            reasons = source.bad_files
+            shown = "; ".join(f"{f}: {reasons[f]}" for f in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            raise DataError(f"{len(bad)} unreadable file(s) in {path} with data.on_error=raise ({shown}); "
+                            "fix or remove them, or set data.on_error=skip to skip them")
     return ViewDataset(source, build_view_transform(cfg), seed=cfg.trainer.seed)
 
 
@@ -157,11 +162,7 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
     global RNG the method uses (shuffle-BN permutations), differently with and without workers and after a
     resume; with a private generator the method's random stream depends on neither.
     """
-    if len(dataset) < cfg.data.batch_size * world_size:
-        from semssl.data.sources import DataError
-
-        raise DataError(f"data.train: {len(dataset)} images are fewer than one global batch "
-                        f"({cfg.data.batch_size} x {world_size} processes); lower data.batch_size")
+    steps_per_epoch(len(dataset), cfg.data.batch_size, world_size)  # a DataError when not one batch is full
     sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
     sampler.set_epoch(epoch)
     if batches_done:
@@ -175,4 +176,10 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int) -> int:
-    return max(1, math.floor((dataset_size // world_size) / batch_size))
+    """Full batches per process and epoch (the loader drops the last partial one); a DataError if there are none."""
+    steps = (dataset_size // world_size) // batch_size
+    if steps == 0:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise DataError(f"data.train: {dataset_size} images are fewer than one batch (data.batch_size="
+                        f"{batch_size}{processes}), so an epoch would have 0 steps; lower data.batch_size")
+    return steps

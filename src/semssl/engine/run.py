@@ -270,7 +270,11 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     paths = resolve_paths(cfg)
     dataset = build_train_dataset(cfg, paths["train"])
     world = world_size_of(cfg)
-    spe = steps_per_epoch(len(dataset), cfg.data.batch_size, world)
+    spe = steps_per_epoch(len(dataset), cfg.data.batch_size, world)  # a DataError before any folder if 0
+    if spe == 1:
+        log.warning("data.train: %d images make only 1 step/epoch at data.batch_size=%d%s (%d images left out of "
+                    "each epoch); lower data.batch_size for more steps", len(dataset), cfg.data.batch_size,
+                    f" x {world} processes" if world > 1 else "", len(dataset) - cfg.data.batch_size * world)
     max_epochs = cfg.trainer.max_epochs
     if cfg.trainer.max_steps > 0:
         max_epochs = min(max_epochs, math.ceil(cfg.trainer.max_steps / spe)) if max_epochs > 0 else \
@@ -295,7 +299,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt_path.exists():
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
-    log.info("run folder: %s (%d images, %d steps/epoch, %d epochs)", run_dir, len(dataset), spe, max_epochs)
+    log.info("run folder: %s (%d images, %s/epoch, %s)", run_dir, len(dataset), _count(spe, "step"),
+             _count(max_epochs, "epoch"))
     trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None,
                 weights_only=True)
     run_dir = folder.path
@@ -324,6 +329,10 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         write_json(run_dir / "metrics.json", metrics)
         print_summary(run_dir, metrics, console)
     return run_dir
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def peak_rss_mb() -> float:
