@@ -10,9 +10,14 @@ ratio to a supervised step on the same batch (as ``step_time.py``).
     .venv/bin/python benchmarks/method_step_ratio.py --recipes byol_resnet18_1x64-400it_synthetic \\
         scd_byol_resnet18_1x64-400it_synthetic byol-asym_resnet18_1x64-400it_synthetic --size 96 --batch 32
 
-Every recipe gets ``model.arch``, ``data.batch_size`` and all view sizes from the options (everything else is
-its own); the batch must divide each recipe's ``model.bn_splits``. Random normalised images (the cost does not
-depend on pixel values). ``KEY=VALUE`` overrides apply to every recipe.
+Every recipe gets ``model.arch``, ``data.batch_size`` and its view sizes from the options (the first view
+``--size``, the others scaled by their size ratio to it in the recipe, so DINO's local crops stay smaller;
+everything else is its own); the batch must divide each recipe's ``model.bn_splits``. Random normalised images
+(the cost does not depend on pixel values). ``KEY=VALUE`` overrides apply to every recipe. The last column,
+(time / FLOPs) against the supervised step, is 1 when a method runs its FLOPs as fast as a supervised step does.
+
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes dino_resnet18_1x64-200it_synthetic \
+        scfs_resnet18_1x64-200it_synthetic --size 96 --batch 32      # 2 x 96 px + 6 x 48 px crops
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--recipes", nargs="+", required=True, help="recipes; ratios are to the first one")
     p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=96, help=f"view resolution in px, >= {MIN_SIZE} (default 96)")
+    p.add_argument("--size", type=int, default=96,
+                   help=f"resolution of the first view in px, >= {MIN_SIZE} (default 96); other views keep their "
+                        f"size ratio to it")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -58,7 +65,10 @@ def build(recipe: str, args: argparse.Namespace) -> Any:
     from semssl.config import load_config
 
     base = load_config(recipe, list(args.overrides))
-    sizes = [f"data.views.{i}.size={args.size}" for i in range(len(base.data.views))]
+    # the first view gets --size; the others keep their ratio to it (DINO / SCFS local crops stay smaller)
+    first = base.data.views[0].size
+    sizes = [f"data.views.{i}.size={max(1, round(args.size * v.size / first))}"
+             for i, v in enumerate(base.data.views)]
     cfg = load_config(recipe, [f"model.arch={args.arch}", f"data.batch_size={args.batch}", *sizes,
                                *args.overrides])
     if cfg.model.bn_splits > 1 and args.batch % cfg.model.bn_splits:
@@ -89,7 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = args.recipes[0]
     rows = {k: {"median_ms": round(1000 * med[k], 1), "time_ratio": round(med[k] / med[ref], 3),
                 "flop_ratio": round(flops[k] / flops[ref], 3),
-                "time_ratio_to_supervised": round(med[k] / med["supervised"], 3)} for k in args.recipes}
+                "time_ratio_to_supervised": round(med[k] / med["supervised"], 3),
+                "flop_ratio_to_supervised": round(flops[k] / flops["supervised"], 3)} for k in args.recipes}
     return {"reference": ref, "arch": args.arch, "batch": args.batch, "size": args.size, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "overrides": list(args.overrides), "rows": rows,
             "raw_times_s": {k: [round(t, 4) for t in v] for k, v in times.items()}, "environment": environment()}
@@ -98,9 +109,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(res: dict[str, Any]) -> str:
     head = f"{res['arch']}, batch {res['batch']}, {res['size']} px, {res['steps']} interleaved steps; ratios to " \
            f"{res['reference']}"
-    table = markdown_table(["recipe", "median ms", "time ratio", "FLOP ratio", "time / supervised"],
-                           [[k, r["median_ms"], r["time_ratio"], r["flop_ratio"], r["time_ratio_to_supervised"]]
-                            for k, r in res["rows"].items()])
+    table = markdown_table(
+        ["recipe", "median ms", "time ratio", "FLOP ratio", "time / supervised", "FLOPs / supervised",
+         "(time / FLOPs) vs supervised"],
+        [[k, r["median_ms"], r["time_ratio"], r["flop_ratio"], r["time_ratio_to_supervised"],
+          r["flop_ratio_to_supervised"], round(r["time_ratio_to_supervised"] / r["flop_ratio_to_supervised"], 3)]
+         for k, r in res["rows"].items()])
     return f"{head}\n\n{table}"
 
 

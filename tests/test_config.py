@@ -125,3 +125,19 @@ def test_every_fault_is_reported_at_once_and_no_run_folder_is_made(tmp_path) -> 
     with pytest.raises(ConfigError) as err:
         load_config(DEFAULT_RECIPE, ["data.batch_size=0", "optim.lr=-1", "trainer.devices=-3"])
     assert str(err.value).count("\n") == 3 and "3 invalid values" in str(err.value)
+
+
+@pytest.mark.parametrize("base, method", [
+    ("mocov2_resnet18-w16_1x128-1800it_cifar10-6k", "scd_mocov2_resnet18-w16_1x128-1800it_cifar10-6k"),
+    ("byol-asym_resnet18-w16_1x128-1800it_cifar10-6k", "scd_byol_resnet18-w16_1x128-1800it_cifar10-6k"),
+    ("dino_resnet18-w16_1x64-1000it_cifar10-6k", "scfs_resnet18-w16_1x64-1000it_cifar10-6k"),
+])
+def test_same_budget_pairs_differ_only_in_the_method(base: str, method: str) -> None:
+    """docs/results.md section 7 compares these pairs step for step: same data, model, optimiser and length."""
+    a, b = to_dict(load_config(base)), to_dict(load_config(method))
+    for section in ("data", "model", "optim", "eval"):
+        assert a[section] == b[section], section
+    a["trainer"].pop("figures"), b["trainer"].pop("figures"), a["trainer"].pop("run_name", None), \
+        b["trainer"].pop("run_name", None)
+    assert a["trainer"] == b["trainer"]
+    assert a["model"]["width"] == 16 and a["model"]["small_input"] is True
