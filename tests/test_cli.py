@@ -146,3 +146,14 @@ def test_data_synth_and_check(tmp_path: Path):
     (root / "objects" / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG garbage")
     res = run_cli("data", "check", str(root / "objects" / "train"))
     assert res.returncode == 1 and "broken.png" in res.stdout
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--temperature", "0"), ("--size", "0"),
+                                           ("--batch-size", "x")])
+def test_bad_eval_options_exit_2_naming_the_option(option: str, value: str, tmp_path: Path, capsys) -> None:
+    """Issue 10 point 3: `semssl eval` options are checked before any model or data is touched."""
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "knn", "--random-init", "--train", str(tmp_path), "--test", str(tmp_path), option, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
