@@ -18,6 +18,15 @@ everything else is its own); the batch must divide each recipe's ``model.bn_spli
 
     .venv/bin/python benchmarks/method_step_ratio.py --recipes dino_resnet18_1x64-200it_synthetic \
         scfs_resnet18_1x64-200it_synthetic --size 96 --batch 32      # 2 x 96 px + 6 x 48 px crops
+
+A recipe may carry its own overrides after ``@`` (``RECIPE@KEY=VALUE@KEY=VALUE``), so variants of one recipe
+compare in one run; ``--data`` feeds each recipe one real batch of its own training data (with geometry and
+boxes/proposals), which region methods (SoCo, D3SSL) need:
+
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes mocov2_resnet18_1x32-600it_scenes \
+        densecl_resnet18_1x32-600it_scenes dsc_resnet18_1x32-600it_scenes@method.semantic=kmeans --size 128
+    .venv/bin/python benchmarks/method_step_ratio.py --data --recipes soco_resnet18_1x32-300it_scenes \
+        d3ssl_resnet18_1x32-300it_scenes --size 128
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from semssl.bench import (
     MethodStep,
     SupervisedStep,
     count_flops,
+    data_batch,
     environment,
     markdown_table,
     random_views,
@@ -56,24 +66,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", action="store_true",
+                   help="one real batch of each recipe's training data (with geometry and boxes) instead of random "
+                        "images; needed by methods that read more than the images (SoCo, D3SSL)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every recipe")
     return p.parse_args(argv)
 
 
-def build(recipe: str, args: argparse.Namespace) -> Any:
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """``RECIPE@KEY=VALUE@...`` -> (RECIPE, [KEY=VALUE, ...])."""
+    recipe, *own = spec.split("@")
+    bad = [o for o in own if "=" not in o]
+    if not recipe or bad:
+        raise BenchError(f"--recipes: '{spec}' is not RECIPE or RECIPE@KEY=VALUE@...")
+    return recipe, own
+
+
+def build(spec: str, args: argparse.Namespace) -> Any:
     from semssl.config import load_config
 
-    base = load_config(recipe, list(args.overrides))
+    recipe, own = split_spec(spec)
+    overrides = [*args.overrides, *own]
+    base = load_config(recipe, overrides)
     # the first view gets --size; the others keep their ratio to it (DINO / SCFS local crops stay smaller)
     first = base.data.views[0].size
     sizes = [f"data.views.{i}.size={max(1, round(args.size * v.size / first))}"
              for i, v in enumerate(base.data.views)]
-    cfg = load_config(recipe, [f"model.arch={args.arch}", f"data.batch_size={args.batch}", *sizes,
-                               *args.overrides])
+    cfg = load_config(recipe, [f"model.arch={args.arch}", f"data.batch_size={args.batch}", *sizes, *overrides])
     if cfg.model.bn_splits > 1 and args.batch % cfg.model.bn_splits:
         raise BenchError(f"--batch {args.batch} is not divisible by model.bn_splits={cfg.model.bn_splits} of "
-                         f"{recipe}")
+                         f"{spec}")
     return cfg
 
 
@@ -84,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps: dict[str, Any] = {}
     for recipe in args.recipes:
         cfg = build(recipe, args)
-        batch = {"views": random_views(cfg, args.batch, seed=args.seed)}
+        batch = data_batch(cfg, args.batch) if args.data else {"views": random_views(cfg, args.batch, seed=args.seed)}
         if not steps:
             first = batch["views"][cfg.data.views[0].name][: args.batch]
             steps["supervised"] = SupervisedStep(first, arch=args.arch, seed=args.seed,

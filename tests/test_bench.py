@@ -203,3 +203,23 @@ def test_main_job_helpers(tmp_path):
                                    "random_init": {"knn_top1": 40.0, "linear_top1": 45.5}})
     assert rows[-1] == ("gain", "+10.00", "+14.50")
     assert main_job.semssl_command()[-1].endswith(("semssl", "semssl.cli"))
+
+
+def test_method_step_ratio_per_recipe_overrides_and_real_batches(tiny_synth, tmp_path, capsys):
+    script = load_script("method_step_ratio")
+    assert script.split_spec("mocov2_x@method.queue_size=64@model.width=8") == (
+        "mocov2_x", ["method.queue_size=64", "model.width=8"])
+    with pytest.raises(script.BenchError, match="RECIPE@KEY=VALUE"):
+        script.split_spec("mocov2_x@queue")
+    out = tmp_path / "msr.json"
+    common = [f"data.synthetic.root={tiny_synth}", *[o for o in tiny_overrides(tiny_synth, tmp_path / "runs")
+                                                      if o.startswith("data.synthetic.")],
+              "data.num_workers=0", "model.width=8", "model.bn_splits=1"]
+    recipe = "mocov2_resnet18_1x64-400it_synthetic"
+    assert script.main(["--recipes", recipe, f"{recipe}@method.queue_size=128@method.temperature=0.1", "--data",
+                        "--batch", "4", "--size", "96", "--steps", "1", "--warmup", "0", "--out", str(out),
+                        *common]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == [recipe, f"{recipe}@method.queue_size=128@method.temperature=0.1"]
+    assert all(r["flop_ratio"] == pytest.approx(1.0, abs=0.02) for r in rows.values())  # same work
+    assert "| time ratio | FLOP ratio |" in capsys.readouterr().out
