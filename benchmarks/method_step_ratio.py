@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times = time_interleaved(steps, args.steps, args.warmup)
     med = {k: summarize(v)["median"] for k, v in times.items()}
     ref = args.recipes[0]
-    rows = {k: {"median_ms": round(1000 * med[k], 1), "time_ratio": round(med[k] / med[ref], 3),
+    rows = {k: {"median_ms": round(1000 * med[k], 1), "gflops": round(flops[k] / 1e9, 3),
+                "time_ratio": round(med[k] / med[ref], 3),
                 "flop_ratio": round(flops[k] / flops[ref], 3),
                 "time_ratio_to_supervised": round(med[k] / med["supervised"], 3),
                 "flop_ratio_to_supervised": round(flops[k] / flops["supervised"], 3)} for k in args.recipes}
@@ -133,9 +134,9 @@ def report(res: dict[str, Any]) -> str:
     head = f"{res['arch']}, batch {res['batch']}, {res['size']} px, {res['steps']} interleaved steps; ratios to " \
            f"{res['reference']}"
     table = markdown_table(
-        ["recipe", "median ms", "time ratio", "FLOP ratio", "time / supervised", "FLOPs / supervised",
+        ["recipe", "median ms", "GFLOPs", "time ratio", "FLOP ratio", "time / supervised", "FLOPs / supervised",
          "(time / FLOPs) vs supervised"],
-        [[k, r["median_ms"], r["time_ratio"], r["flop_ratio"], r["time_ratio_to_supervised"],
+        [[k, r["median_ms"], r["gflops"], r["time_ratio"], r["flop_ratio"], r["time_ratio_to_supervised"],
           r["flop_ratio_to_supervised"], round(r["time_ratio_to_supervised"] / r["flop_ratio_to_supervised"], 3)]
          for k, r in res["rows"].items()])
     return f"{head}\n\n{table}"
