@@ -26,16 +26,14 @@ its first hundred steps (docs/results.md section 7.3). This script measures, for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from semssl.bench import MethodStep
+from semssl.bench import MethodStep, patch_view_recipes
 from semssl.config import load_config
-from semssl.data import augment
 from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
 from semssl.methods import build_method
 
@@ -78,13 +76,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="recipe overrides")
     args = p.parse_args()
 
-    if args.aug:
-        patch = {k: float(v) for k, v in (item.split("=", 1) for item in args.aug.split(","))}
-        cfg0 = load_config(args.recipe, list(args.overrides))
-        for name in {r for view in cfg0.data.views for r in ([view.recipe] if isinstance(view.recipe, str)
-                                                              else view.recipe)}:
-            augment.RECIPES[name] = dataclasses.replace(augment.RECIPES[name], **patch)  # workers fork after this
     cfg = load_config(args.recipe, ["data.num_workers=1", *args.overrides])
+    if args.aug:
+        patch_view_recipes(cfg, args.aug)  # before the loader's workers fork
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     loader = train_loader(build_train_dataset(cfg, resolve_paths(cfg)["train"]), cfg)

@@ -16,16 +16,16 @@ everything else is its own); the batch must divide each recipe's ``model.bn_spli
 (the cost does not depend on pixel values). ``KEY=VALUE`` overrides apply to every recipe. The last column,
 (time / FLOPs) against the supervised step, is 1 when a method runs its FLOPs as fast as a supervised step does.
 
-    .venv/bin/python benchmarks/method_step_ratio.py --recipes dino_resnet18_1x64-200it_synthetic \
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes dino_resnet18_1x64-200it_synthetic \\
         scfs_resnet18_1x64-200it_synthetic --size 96 --batch 32      # 2 x 96 px + 6 x 48 px crops
 
 A recipe may carry its own overrides after ``@`` (``RECIPE@KEY=VALUE@KEY=VALUE``), so variants of one recipe
 compare in one run; ``--data`` feeds each recipe one real batch of its own training data (with geometry and
 boxes/proposals), which region methods (SoCo, D3SSL) need:
 
-    .venv/bin/python benchmarks/method_step_ratio.py --recipes mocov2_resnet18_1x32-600it_scenes \
+    .venv/bin/python benchmarks/method_step_ratio.py --recipes mocov2_resnet18_1x32-600it_scenes \\
         densecl_resnet18_1x32-600it_scenes dsc_resnet18_1x32-600it_scenes@method.semantic=kmeans --size 128
-    .venv/bin/python benchmarks/method_step_ratio.py --data --recipes soco_resnet18_1x32-300it_scenes \
+    .venv/bin/python benchmarks/method_step_ratio.py --data --recipes soco_resnet18_1x32-300it_scenes \\
         d3ssl_resnet18_1x32-300it_scenes --size 128
 """
 

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import math
 import time
 
 import torch
 
-from semssl.bench import MethodStep
+from semssl.bench import MethodStep, patch_view_recipes
 from semssl.config import load_config
-from semssl.data import augment
 from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
 from semssl.eval.data import eval_loader
 from semssl.eval.evaluate import baseline_models, evaluate, reestimate_bn
@@ -60,10 +58,7 @@ def main() -> None:
                  "optim.warmup=20steps", *args.overrides]
     cfg = load_config(args.recipe, overrides)
     if args.aug:
-        patch = {k: float(v) for k, v in (item.split("=", 1) for item in args.aug.split(","))}
-        for name in {r for view in cfg.data.views for r in ([view.recipe] if isinstance(view.recipe, str)
-                                                             else view.recipe)}:
-            augment.RECIPES[name] = dataclasses.replace(augment.RECIPES[name], **patch)  # workers fork after this
+        patch_view_recipes(cfg, args.aug)  # before the loader's workers fork
     torch.manual_seed(0)
     torch.set_num_threads(1)
     paths = resolve_paths(cfg)

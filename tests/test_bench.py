@@ -22,6 +22,7 @@ from semssl.bench import (
     data_batch,
     data_throughput,
     markdown_table,
+    patch_view_recipes,
     process_tree,
     random_views,
     summarize,
@@ -223,3 +224,16 @@ def test_method_step_ratio_per_recipe_overrides_and_real_batches(tiny_synth, tmp
     assert list(rows) == [recipe, f"{recipe}@method.queue_size=128@method.temperature=0.1"]
     assert all(r["flop_ratio"] == pytest.approx(1.0, abs=0.02) for r in rows.values())  # same work
     assert "| time ratio | FLOP ratio |" in capsys.readouterr().out
+
+
+def test_patch_view_recipes_replaces_fields_of_every_view_recipe(tiny_cfg, monkeypatch):
+    from semssl.data import augment
+
+    monkeypatch.setattr(augment, "RECIPES", dict(augment.RECIPES))  # the patch is process-wide: undo it
+    names = {v.recipe for v in tiny_cfg.data.views}
+    assert patch_view_recipes(tiny_cfg, "hue=0.5,grayscale_p=1") == {"hue": 0.5, "grayscale_p": 1.0}
+    assert all(augment.RECIPES[n].hue == 0.5 and augment.RECIPES[n].grayscale_p == 1.0 for n in names)
+    with pytest.raises(BenchError, match="--aug 'nope=1'"):
+        patch_view_recipes(tiny_cfg, "nope=1")
+    with pytest.raises(BenchError, match="FIELD=VALUE"):
+        patch_view_recipes(tiny_cfg, "hue")

@@ -51,6 +51,27 @@ def random_views(cfg: Any, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
     return {v.name: torch.randn(v.n_crops * batch_size, 3, v.size, v.size, generator=g) for v in cfg.data.views}
 
 
+def patch_view_recipes(cfg: Any, spec: str) -> dict[str, float]:
+    """Replace fields of the photometric recipe of every view of ``cfg`` for this process (a diagnostic, e.g.
+    ``"hue=0.5,grayscale_p=0.5"``: ``FIELD=VALUE`` pairs of :class:`~semssl.data.augment.PhotometricRecipe`).
+
+    Patches ``augment.RECIPES`` in place, so call it before the data loader's workers fork. Returns the patch."""
+    import dataclasses
+
+    from semssl.data import augment
+
+    try:
+        patch = {k: float(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
+        names = {r for view in cfg.data.views for r in ([view.recipe] if isinstance(view.recipe, str)
+                                                         else view.recipe)}
+        for name in names:
+            augment.RECIPES[name] = dataclasses.replace(augment.RECIPES[name], **patch)
+    except (ValueError, TypeError) as err:
+        raise BenchError(f"--aug {spec!r}: expected FIELD=VALUE,... with PhotometricRecipe fields and numbers "
+                         f"({err})") from None
+    return patch
+
+
 def data_batch(cfg: Any, batch_size: int) -> dict:
     """The first ``batch_size`` samples of the recipe's training data through its views, collated: a real batch
     with geometry (and boxes for scene data), for methods that read more than the images."""
