@@ -310,3 +310,30 @@ def test_a_coloured_proposal_keeps_its_colour_through_views_and_region_augmentat
             assert (is_red | (pixels == other).all(1)).all() and is_red.float().mean() >= 0.4
         else:  # PRC: red or cut (mean colour), at most half cut
             assert (is_red | (pixels == fill).all(1)).all() and is_red.float().mean() >= 0.4
+
+
+def test_viz_regions_draws_every_augmentation_on_real_images(tmp_path) -> None:
+    """Issue 12 item 6: `semssl viz regions` — proposals, PRC, PRM, RBJ and the composite, one row per image."""
+    import numpy as np
+    from PIL import Image
+
+    from semssl.cli import main
+    from semssl.viz.regions import augment_row, load_with_proposals
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        img = np.full((96, 128, 3), 40 + 60 * i, np.uint8)
+        img[20:70, 30:90] = rng.integers(0, 255, 3)  # one object-like block for selective search
+        Image.fromarray(img).save(tmp_path / f"im{i}.png")
+    image, boxes = load_with_proposals(tmp_path / "im0.png", 64, 4)
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and 1 <= boxes.shape[0] <= 4
+    assert float(boxes.min()) >= 0 and float(boxes.max()) <= 64
+    row = augment_row(image, boxes, torch.zeros_like(image), torch.Generator().manual_seed(0))
+    assert list(row) == ["proposals", "PRC", "PRM", "RBJ", "composite"]
+    assert all(img.shape == image.shape for img, _ in row.values())
+    jittered = row["RBJ"][1]
+    assert bool(((jittered[:, 2:] - jittered[:, :2]) <= (boxes[:, 2:] - boxes[:, :2]) + 1e-4).all())  # never grows
+    out = tmp_path / "regions.png"
+    assert main(["viz", "regions", "--images", str(tmp_path), "--n", "2", "--size", "64", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert main(["viz", "regions", "--images", str(tmp_path / "im0.png"), "--out", str(out)]) == 1  # one image
