@@ -256,3 +256,21 @@ def test_small_recipe_loads_and_names_its_views() -> None:
     assert (readme.optim.lr, readme.optim.min_lr, readme.method.teacher_temp) == (0.03, 1e-6, 0.04)
     assert readme.data.views[0].scale == (0.14, 1.0) and readme.data.views[1].scale == (0.05, 0.14)
     assert readme.trainer.precision == "16-mixed" and readme.data.batch_size * readme.trainer.devices == 512
+
+
+def test_head_runs_once_over_all_crops_as_multicrop_wrapper() -> None:
+    """DINO's MultiCropWrapper: backbone per resolution, head once over every crop, so a BatchNorm head sees the
+    global and local crops in one batch (per-view head calls would normalise each resolution on its own)."""
+    from semssl.methods.dino import DINONetwork
+    from semssl.models.backbones import ResNetBackbone
+    from semssl.models.heads import DINOHead
+
+    torch.manual_seed(0)
+    net = DINONetwork(ResNetBackbone("resnet18", width=8), DINOHead(64, 32, 16, 8, 3, batch_norm=True)).train()
+    xs = [torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)]
+    outs = net.forward_crops(xs)
+    assert [o["logits"].shape for o in outs] == [(4, 32), (6, 32)]
+    pooled = torch.cat([net.backbone(x)["pooled"] for x in xs])
+    assert torch.allclose(torch.cat([o["logits"] for o in outs]), net.head(pooled), atol=1e-5)
+    per_view = torch.cat([net(x)["logits"] for x in xs])
+    assert not torch.allclose(per_view, net.head(pooled), atol=1e-3)  # the BN batch matters

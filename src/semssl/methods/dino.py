@@ -100,6 +100,16 @@ class DINONetwork(nn.Module):
         out["logits"] = self.head(out["pooled"])
         return out
 
+    def forward_crops(self, xs: list[Tensor]) -> list[dict[str, Tensor]]:
+        """One output dict per tensor of ``xs`` (one tensor per resolution), as DINO's ``MultiCropWrapper``: the
+        backbone runs once per resolution, the head once over the pooled vectors of every crop together, so a
+        head with BatchNorm normalises global and local crops with the same batch statistics."""
+        outs = [self.backbone(x) for x in xs]
+        logits = self.head(torch.cat([o["pooled"] for o in outs]))
+        for out, part in zip(outs, logits.split([o["pooled"].shape[0] for o in outs])):
+            out["logits"] = part
+        return outs
+
 
 @register("dino")
 class DINO(Method):
@@ -169,7 +179,7 @@ class DINO(Method):
         x_global, x_locals, b = self.split_views(batch)
         # the engine puts this epoch's value in progress.values; a bare Progress (outside the engine) gets the final
         tau_t = float(progress.values.get("teacher_temp", self.cfg.teacher_temp))
-        student = [self.student(x_global)] + [self.student(x) for x in x_locals]
+        student = self.student.forward_crops([x_global, *x_locals])
         with torch.no_grad():
             teacher = self.teacher(x_global)
         k = self.cfg.out_dim
