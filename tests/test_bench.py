@@ -237,3 +237,25 @@ def test_patch_view_recipes_replaces_fields_of_every_view_recipe(tiny_cfg, monke
         patch_view_recipes(tiny_cfg, "nope=1")
     with pytest.raises(BenchError, match="FIELD=VALUE"):
         patch_view_recipes(tiny_cfg, "hue")
+
+
+def test_seed_spread_pairs_runs_and_reads_feature_evals(tmp_path, capsys):
+    seed_spread = load_script("seed_spread")
+
+    def run(name: str, knn: float, lin: float, fg: float | None = None) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"trained": {"k20_top1": knn, "k200_top1": knn - 1,
+                                                                "linear_top1": lin}}))
+        if fg is not None:
+            (d / "eval_knn_fg.json").write_text(json.dumps({"knn": {"k20_top1": fg, "k200_top1": fg}}))
+        return str(d)
+
+    a = ",".join([run("a0", 40.0, 50.0, 44.0), run("a1", 42.0, 48.0, 38.0)])
+    b = ",".join([run("b0", 41.0, 49.0), run("b1", 41.0, 49.0)])
+    assert seed_spread.main([f"A={a}", f"B={b}", "--diff", "A", "B", "--features", "fg"]) == 0
+    out = capsys.readouterr().out
+    assert "| **A** | mean ± std (2) | 41.0 ± 1.4 | 40.0 ± 1.4 | 49.0 ± 1.4 | 41.0 ± 4.2 | 41.0 ± 4.2 |" in out
+    assert "| **A − B** | paired | 0.0 ± 1.4 | 0.0 ± 1.4 | 0.0 ± 1.4 | - | - |" in out
+    with pytest.raises(SystemExit, match="metrics.json does not exist"):
+        seed_spread.main([f"A={tmp_path / 'missing'}"])
