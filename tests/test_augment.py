@@ -30,6 +30,7 @@ from semssl.data.augment import (
 # name: (brightness, contrast, saturation, hue, jitter_p, grayscale_p, blur_p, solarize_p)
 EXPECTED = {
     "mocov2": (0.4, 0.4, 0.4, 0.1, 0.8, 0.2, 0.5, 0.0),
+    "mocov2_colour": (0.4, 0.4, 0.8, 0.5, 0.8, 0.5, 0.5, 0.0),  # the project's main-job recipe
     "byol_view1": (0.4, 0.4, 0.2, 0.1, 0.8, 0.2, 1.0, 0.0),
     "byol_view2": (0.4, 0.4, 0.2, 0.1, 0.8, 0.2, 0.1, 0.2),
     "dino_global1": (0.4, 0.4, 0.2, 0.1, 0.8, 0.2, 1.0, 0.0),

@@ -107,10 +107,12 @@ def test_object_folder_layout_and_class_balance(tiny_root: Path) -> None:
 
 
 def test_main_object_area_and_small_distractors() -> None:
+    """``cluttered`` (version 2's pictures): main object 15-60 % of the image, small distractors behind it."""
     n_with, n_without = 0, 0
     for i in range(48):
         size = 32 if i % 4 == 0 else 64
-        sample = render_object_sample(np.random.default_rng(100 + i), size, i % 12, num_classes=12)
+        sample = render_object_sample(np.random.default_rng(100 + i), size, i % 12, num_classes=12,
+                                      style="cluttered")
         frac = sample.mask.mean()
         assert sample.mask.dtype == bool and sample.image.shape == (size, size, 3)
         assert 0.15 <= frac <= 0.60, (i, frac)
@@ -120,6 +122,25 @@ def test_main_object_area_and_small_distractors() -> None:
         n_with += bool(sample.distractor_areas)
         n_without += not sample.distractor_areas
     assert n_with >= 10 and n_without >= 5
+
+
+def test_plain_style_flat_background_solid_object_no_distractors() -> None:
+    """``plain`` (version 3's default): one main object of 6-35 % of the image on a flat background, solid."""
+    fracs = []
+    for i in range(40):
+        sample = render_object_sample(np.random.default_rng(200 + i), 64, i % 10)
+        fracs.append(sample.mask.mean())
+        assert sample.distractor_classes == [] and sample.distractor_areas == []
+        # the background is one colour plus sensor noise (std <= 6 levels per channel)
+        ring = ~np.asarray(cv2.dilate(sample.mask.astype(np.uint8), np.ones((5, 5), np.uint8)), bool)
+        assert sample.image[ring].astype(np.float32).std(axis=0).max() < 8.0, i
+        inst = render._make_instance(np.random.default_rng(i), i % 10, 400.0, 64, textured=False)
+        assert inst.texture == "solid"
+    assert 0.06 <= min(fracs) and max(fracs) <= 0.35 and np.mean(fracs) < 0.25
+    scene = render_scene(np.random.default_rng(0), 128)
+    assert 2 <= len(scene.masks) <= 6
+    with pytest.raises(SynthConfigError, match="style 'glossy'"):
+        render_object_sample(np.random.default_rng(0), 64, 0, style="glossy")
 
 
 def test_colour_is_not_a_class_cue() -> None:
@@ -269,7 +290,7 @@ def test_refuses_a_folder_with_foreign_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("field,value", [("num_classes", 13), ("num_classes", 1), ("object_size", 16),
                                          ("n_train_objects", 5), ("n_test_scenes", 0), ("workers", 0),
-                                         ("seed", -1), ("scene_size", 64.5)])
+                                         ("seed", -1), ("scene_size", 64.5), ("style", "glossy")])
 def test_bad_config_names_the_field(field: str, value: object, tmp_path: Path) -> None:
     with pytest.raises(SynthConfigError, match=f"SynthConfig.{field} = {value!r}"):
         generate(tmp_path / "x", replace(TINY, **{field: value}))
@@ -288,9 +309,10 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_root() == Path.home() / ".cache" / "semssl" / "synthetic"
 
 
-def test_raw_pixels_and_texture_do_not_name_the_class() -> None:
-    """Generator version 2: on a small set, kNN on raw pixels (resized, centred, L2-normalised, as the ``pixels``
-    baseline) stays near chance, and every class shows many textures (texture is drawn per instance)."""
+@pytest.mark.parametrize("style", ["plain", "cluttered"])
+def test_raw_pixels_and_texture_do_not_name_the_class(style: str) -> None:
+    """Generator versions 2-3: on a small set, kNN on raw pixels (resized, centred, L2-normalised, as the
+    ``pixels`` baseline) stays near chance, and every class shows many textures (texture is drawn per instance)."""
     import torch
 
     from semssl.eval.knn import knn_evaluate
@@ -298,7 +320,7 @@ def test_raw_pixels_and_texture_do_not_name_the_class() -> None:
     k, n_train, n_test = 10, 200, 100
     images, labels = [], []
     for i in range(n_train + n_test):
-        image, _ = render_object_image(np.random.default_rng(9000 + i), 32, i % k)
+        image, _ = render_object_image(np.random.default_rng(9000 + i), 32, i % k, style=style)
         images.append(image.astype(np.float32).reshape(-1))
         labels.append(i % k)
     x, y = torch.tensor(np.stack(images)), torch.tensor(labels)

@@ -18,7 +18,7 @@ examples:
   semssl pretrain -c mocov2_resnet50_8x32-200e_imagenet data.train=/data/imagenet/train \\
         data.eval_train=/data/imagenet/train data.eval_test=/data/imagenet/val
   semssl pretrain optim.lr=0.06 data.batch_size=32 trainer.max_epochs=20
-  semssl pretrain --resume runs/mocov2_resnet18_1x64-400it_synthetic-20261122-101500
+  semssl pretrain --resume runs/mocov2_resnet18-w16_1x128-600it_synthetic-20261202-101500
 
 overrides are dotted keys of the config tree (see the recipes in configs/); list items by index:
   data.views.0.size=96   trainer.devices=8 trainer.num_nodes=4 trainer.strategy=ddp
@@ -187,7 +187,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(seed=args.seed, object_size=args.object_size, scene_size=args.scene_size,
                       n_train_objects=args.n_train_objects, n_test_objects=args.n_test_objects,
                       n_train_scenes=args.n_train_scenes, n_test_scenes=args.n_test_scenes,
-                      num_classes=args.num_classes, workers=args.workers, class_def=args.class_def)
+                      num_classes=args.num_classes, workers=args.workers, class_def=args.class_def,
+                      style=args.style)
     summary = generate(root, cfg, splits=tuple(args.splits))
     print(json.dumps(summary, indent=2, default=str))
     print(f"built-in data written to {root}")
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--class-def", choices=["shape", "shape_texture"], default="shape",
                     help="a class is a shape (texture drawn per instance; default) or a (shape, texture) pair "
                          "(generator version 1's classes)")
+    ps.add_argument("--style", choices=["plain", "cluttered"], default="plain",
+                    help="plain: flat backgrounds, solid objects, no distractors (version 3; default); cluttered: "
+                         "version 2's gradients, clutter, textures and distractors")
     ps.add_argument("--workers", type=int, default=2)
     ps.add_argument("--splits", nargs="+", default=["objects", "scenes"], choices=["objects", "scenes"])
     ps.set_defaults(func=cmd_data_synth)

@@ -9,6 +9,7 @@ METHODS.md:
 recipe         jitter (b, c, s, h)     jitter p  grayscale  blur p  solarize p  source (METHODS.md)
 =============  ======================  ========  =========  ======  ==========  =========================
 mocov2         (0.4, 0.4, 0.4, 0.1)    0.8       0.2        0.5     0.0         §3.4 MoCo-v2 aug-plus
+mocov2_colour  (0.4, 0.4, 0.8, 0.5)    0.8       0.5        0.5     0.0         (project) main job, below
 byol_view1     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         §3.3 / §3.4 BYOL view 1
 byol_view2     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.1     0.2         §3.3 / §3.4 BYOL view 2
 dino_global1   (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         §1.7 DINO global crop 1
@@ -22,6 +23,12 @@ The blur sigma is drawn from U(0.1, 2.0) in every recipe (PIL ``GaussianBlur(rad
 originals); solarisation inverts pixels >= 128 (PIL ``ImageOps.solarize`` threshold 128; 0.5 on float images).
 The order of operations is the originals': jitter (its four factors in a random order, as torchvision's
 ``ColorJitter``), grayscale, blur, solarize.
+
+``mocov2_colour`` is not from a paper: MoCo-v2's recipe with the colour identity of an image scrambled between
+its views (full hue circle, stronger saturation jitter, grayscale half the time). The main job uses it on the
+built-in objects, whose colour is drawn per instance: with MoCo-v2's mild hue jitter the colour is the cheapest
+cue telling two instances apart and the first few hundred steps learn it instead of the shape
+(docs/results.md section 4b).
 
 Decision (blur scale): the originals blur 224 px crops with sigma in [0.1, 2.0] px.  With
 ``blur_reference_size=224`` (default) the sigma range is multiplied by ``crop size / 224`` so that the blur is
@@ -130,6 +137,10 @@ RECIPES: dict[str, PhotometricRecipe] = {
     "mocov2": PhotometricRecipe(
         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
         source="METHODS.md §3.4: moco@132aea9 main_moco.py aug-plus",
+    ),
+    "mocov2_colour": PhotometricRecipe(
+        brightness=0.4, contrast=0.4, saturation=0.8, hue=0.5, jitter_p=0.8, grayscale_p=0.5, blur_p=0.5,
+        source="project: MoCo-v2 aug-plus with colour identity scrambled (main job, docs/results.md section 4b)",
     ),
     "byol_view1": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=1.0, solarize_p=0.0,

@@ -1,4 +1,4 @@
-"""The built-in synthetic dataset: object images (classification) and cluttered scenes (COCO instances).
+"""The built-in synthetic dataset: object images (classification) and multi-object scenes (COCO instances).
 
 It is what ``semssl pretrain`` trains on when the user gives no data, so it must have structure that
 self-supervised learning can find and a random network does not already capture:
@@ -7,20 +7,23 @@ self-supervised learning can find and a random network does not already capture:
   version 2). Version 1 defined a class as a (shape, texture) pair, which a random network's texture
   statistics already separate about as well as raw pixels do (docs/results.md §3); ``class_def:
   shape_texture`` still generates it.
-* **Texture and colour are nuisances**: the texture (solid, stripes, dots, checker, grid, waves, concentric)
-  and the object's base and pattern colours are drawn per instance from one distribution for every class, so
-  neither says anything about the class.
-* **Pose is a nuisance**: random rotation, scale and aspect ratio per instance; textures are laid out in the
-  object's own (rotated, stretched) frame, so they are scale-invariant.
-* **Backgrounds are a nuisance**: colour gradients, smooth blotches, sensor noise, random lines, blobs and
-  small polygons, all independent of the class.
+* **Colour, pose and position are nuisances**: the object's colour and the background's are drawn per
+  instance from one distribution for every class; rotation, scale, aspect ratio and position too.
+* **Two styles** (``style``, generator version 3). ``plain`` (the default): one flat background colour plus
+  sensor noise, solid (shaded) objects, no distractors, the main object 6-35 % of the image — the class is the
+  only thing that two crops of one image share besides colour and pose, so contrastive learning reaches shape
+  within the main job's few hundred steps, while raw pixels and a random network stay near chance (their
+  numbers: docs/results.md section 4b). ``cluttered`` (version 2's pictures): colour gradients, smooth blotches,
+  random lines, blobs and small polygons behind the objects, a texture (solid, stripes, dots, checker, grid,
+  waves, concentric) drawn per instance and laid out in the object's own frame, 0-2 distractors, main object
+  15-60 % of the image.
 
 Two splits, both written under one root:
 
 ``objects/{train,test}/<class_name>/<id>.png``
-    one main object covering 15-60 % of the image (measured on its mask) and 0-2 distractors that are clearly
-    smaller (at most 30 % of the main object's area): small objects of random classes or abstract polygons,
-    painted *behind* the main object. Classes are balanced (index ``i`` has class ``i % K``).
+    one main object (6-35 % of the image measured on its mask; ``cluttered``: 15-60 %, with 0-2 distractors
+    that are clearly smaller — at most 30 % of the main object's area —, small objects of random classes or
+    abstract polygons painted *behind* the main object). Classes are balanced (index ``i`` has class ``i % K``).
 ``scenes/{train,test}/images/<id>.png``, ``annotations.json``, ``semantic/<id>.png``
     2-6 objects of random classes, some placed to overlap; paint order is z order and each instance mask is
     the object's visible pixels after occlusion. ``annotations.json`` is COCO instances (RLE segmentations,
@@ -57,6 +60,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "MANIFEST_NAME",
     "SPLITS",
+    "STYLES",
     "SynthConfig",
     "SynthConfigError",
     "SyntheticDataError",
@@ -65,8 +69,11 @@ __all__ = [
 
 GENERATOR_NAME = "semssl.synthetic"
 #: Bump whenever the drawn pixels or the file layout change, so cached datasets are regenerated.
-#: 2: classes are shapes by default (``class_def``); 1: (shape, texture) classes.
-GENERATOR_VERSION = 2
+#: 3: ``style`` (default ``plain``: flat backgrounds, solid objects, no distractors; ``cluttered`` = version 2's
+#: pictures); 2: classes are shapes by default (``class_def``); 1: (shape, texture) classes.
+GENERATOR_VERSION = 3
+#: how the pictures are drawn (``SynthConfig.style``); see :data:`semssl.data.synthetic.render.STYLE_SPECS`
+STYLES: tuple[str, ...] = ("plain", "cluttered")
 MANIFEST_NAME = "manifest.json"
 SPLITS: tuple[str, ...] = ("objects", "scenes")
 PARTS: tuple[str, ...] = ("train", "test")
@@ -87,14 +94,17 @@ class SynthConfig:
     num_classes: int = DEFAULT_NUM_CLASSES  # <= len(CLASS_NAMES)
     workers: int = 2
     class_def: str = "shape"  # "shape" (version 2) or "shape_texture" (version 1's classes)
+    style: str = "plain"  # "plain" (version 3) or "cluttered" (version 2's backgrounds, textures, distractors)
 
     def validate(self) -> None:
         """Raise :class:`SynthConfigError` naming the first field with an invalid value."""
         if self.class_def not in CLASS_DEFS:
             raise SynthConfigError(f"SynthConfig.class_def = {self.class_def!r}: must be one of {list(CLASS_DEFS)}")
+        if self.style not in STYLES:
+            raise SynthConfigError(f"SynthConfig.style = {self.style!r}: must be one of {list(STYLES)}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "class_def":
+            if f.name in ("class_def", "style"):
                 continue
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise SynthConfigError(f"SynthConfig.{f.name} = {value!r}: must be an integer")

@@ -71,6 +71,7 @@ class _Task:
     size: int
     num_classes: int
     class_def: str
+    style: str
 
 
 def _run_task(task: _Task) -> list[dict[str, Any]]:
@@ -82,10 +83,10 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
         name = f"{index:06d}.png"
         if task.split == "objects":
             cls = index % task.num_classes
-            image, _ = render_object_image(rng, task.size, cls, task.num_classes, task.class_def)
+            image, _ = render_object_image(rng, task.size, cls, task.num_classes, task.class_def, task.style)
             _write_png(out / class_names(task.class_def)[cls] / name, image)
             continue
-        scene = render_scene(rng, task.size, task.num_classes, task.class_def)
+        scene = render_scene(rng, task.size, task.num_classes, task.class_def, task.style)
         _write_png(out / "images" / name, scene.image)
         _write_png(out / "semantic" / name, scene.semantic)
         records.append({"index": index, "file_name": name,
@@ -136,7 +137,7 @@ def _tasks(config: SynthConfig, splits: Sequence[str], staging: Path) -> list[_T
             n = counts[(split, part)]
             for start in range(0, n, _TASK_CHUNK):
                 tasks.append(_Task(split, part, start, min(start + _TASK_CHUNK, n), str(out), config.seed, size,
-                                   config.num_classes, config.class_def))
+                                   config.num_classes, config.class_def, config.style))
     return tasks
 
 

@@ -28,11 +28,47 @@ from semssl.data.synthetic.shapes import (
 )
 from semssl.errors import SynthConfigError, SyntheticDataError
 
-__all__ = ["ObjectSample", "SceneSample", "render_object_image", "render_object_sample", "render_scene"]
+__all__ = ["STYLE_SPECS", "ObjectSample", "SceneSample", "StyleSpec", "render_object_image", "render_object_sample",
+           "render_scene", "style_spec"]
 
-# Object-split geometry (fractions of the image area).
-MAIN_AREA_RANGE = (0.15, 0.60)  # accepted range of the main object's mask area
-_MAIN_AREA_TARGET = (0.20, 0.50)  # sampled target, inside the accepted range so anti-aliasing cannot push it out
+
+
+@dataclass(frozen=True)
+class StyleSpec:
+    """How the pictures of one ``SynthConfig.style`` are drawn.
+
+    ``main_area_range`` is the accepted range of the object split's main-object mask area (fraction of the
+    image); ``main_area_target`` the sampled target, inside it so anti-aliasing cannot push the area out.
+    """
+
+    background: str  # "flat" (one colour + sensor noise) or "clutter" (gradients, blotches, lines, blobs, polygons)
+    textured: bool  # False: every object is one solid (shaded) colour
+    distractors: bool  # object split: 0-2 small objects / clutter polygons behind the main object
+    main_area_range: tuple[float, float]
+    main_area_target: tuple[float, float]
+
+
+#: Decision (docs/results.md section 4b): ``plain`` is the default since version 3. In ``cluttered`` pictures
+#: the textures and the background are per-instance cues that survive crops and colour jitter, so contrastive
+#: learning spends its first few hundred steps telling instances apart by them rather than by shape; ``plain``
+#: objects are mid-sized (10-25 % of the image) so that their position varies enough that raw pixels stay near
+#: chance while the shape stays legible at 32 px.
+STYLE_SPECS: dict[str, StyleSpec] = {
+    "plain": StyleSpec("flat", textured=False, distractors=False, main_area_range=(0.06, 0.35),
+                       main_area_target=(0.10, 0.25)),
+    "cluttered": StyleSpec("clutter", textured=True, distractors=True, main_area_range=(0.15, 0.60),
+                           main_area_target=(0.20, 0.50)),
+}
+MAIN_AREA_RANGE = STYLE_SPECS["cluttered"].main_area_range  # version 2's range (kept for its tests and docs)
+
+
+def style_spec(style: str) -> StyleSpec:
+    try:
+        return STYLE_SPECS[style]
+    except KeyError:
+        raise SynthConfigError(f"style {style!r} is not one of {sorted(STYLE_SPECS)}") from None
+
+
 _DISTRACTOR_AREA = (0.015, 0.05)
 DISTRACTOR_MAX_RATIO = 0.30  # a distractor's area is at most this fraction of the main object's area
 # Scene geometry.
@@ -125,10 +161,12 @@ def _sample_pose(rng: np.random.Generator, hull: np.ndarray, unit_area: float, a
 
 
 def _make_instance(rng: np.random.Generator, cls: int | None, area_px: float, size: int,
-                   hint: tuple[float, float] | None = None, class_def: str = "shape") -> _Instance:
+                   hint: tuple[float, float] | None = None, class_def: str = "shape",
+                   textured: bool = True) -> _Instance:
     """A class object (``cls`` >= 0) or an abstract clutter polygon (``cls`` None) of about ``area_px``.
 
-    With ``class_def`` ``shape`` the texture is drawn uniformly from :data:`TEXTURES` for every instance."""
+    With ``class_def`` ``shape`` the texture is drawn uniformly from :data:`TEXTURES` for every instance, or is
+    ``solid`` when ``textured`` is False."""
     if cls is None:
         n = int(rng.integers(4, 8))
         t = np.sort(rng.uniform(0, 2 * math.pi, n))
@@ -138,7 +176,7 @@ def _make_instance(rng: np.random.Generator, cls: int | None, area_px: float, si
     else:
         shape, texture = class_spec(class_def, cls)
         if texture is None:
-            texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+            texture = TEXTURES[int(rng.integers(len(TEXTURES)))] if textured else "solid"
         ops, unit_area = _SHAPES[shape], _UNIT_AREA[shape]
     hull = _HULL[shape] if cls is not None else ops[0][0]
     pose = _sample_pose(rng, hull, unit_area, area_px, size, hint)
@@ -182,6 +220,16 @@ def _upsample_matrix(size: int, cells: int = 4) -> np.ndarray:
     """
     eye = np.eye(cells, dtype=np.float32)
     return cv2.resize(eye, (cells, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _flat_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One random colour (the ``plain`` style's background; :func:`_finish` adds the sensor noise)."""
+    colour = _random_colours(rng, 1, sat=(0.05, 0.6), val=(0.2, 0.95))[0]
+    return np.broadcast_to(colour.astype(np.float32), (size, size, 3)).copy()
+
+
+def _style_background(rng: np.random.Generator, size: int, spec: StyleSpec) -> np.ndarray:
+    return _flat_background(rng, size) if spec.background == "flat" else _background(rng, size)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -271,28 +319,32 @@ class SceneSample:
 
 
 def render_object_sample(rng: np.random.Generator, size: int, cls: int,
-                         num_classes: int = DEFAULT_NUM_CLASSES, class_def: str = "shape") -> ObjectSample:
-    """Draw one object-split image: background clutter, 0-2 small distractors, then the main object on top.
+                         num_classes: int = DEFAULT_NUM_CLASSES, class_def: str = "shape",
+                         style: str = "plain") -> ObjectSample:
+    """Draw one object-split image: the background, (``cluttered``) 0-2 small distractors, then the main object.
 
-    The main object's mask covers :data:`MAIN_AREA_RANGE` of the image; each distractor covers at most
+    The main object's mask covers the style's ``main_area_range`` of the image; each distractor covers at most
     :data:`DISTRACTOR_MAX_RATIO` of the main object's area and is painted behind it, so the main mask is whole.
     """
     _check_class(cls, num_classes)
-    canvas = _background(rng, size)
+    spec = style_spec(style)
+    canvas = _style_background(rng, size, spec)
     area = float(size * size)
+    lo, hi = spec.main_area_range
     for _ in range(100):
-        main = _make_instance(rng, cls, rng.uniform(*_MAIN_AREA_TARGET) * area, size, class_def=class_def)
+        main = _make_instance(rng, cls, rng.uniform(*spec.main_area_target) * area, size, class_def=class_def,
+                              textured=spec.textured)
         main_frac = float(main.mask.sum()) / area
-        if MAIN_AREA_RANGE[0] <= main_frac <= MAIN_AREA_RANGE[1]:
+        if lo <= main_frac <= hi:
             break
     else:
-        raise SyntheticDataError(f"could not place a {class_names(class_def)[cls]} of 15-60 % area in a {size} px "
-                                 f"image")
+        raise SyntheticDataError(f"could not place a {class_names(class_def)[cls]} of {lo:.0%}-{hi:.0%} area in a "
+                                 f"{size} px image")
 
     classes: list[int | None] = []
     areas: list[int] = []
     max_frac = min(_DISTRACTOR_AREA[1], DISTRACTOR_MAX_RATIO * main_frac)
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, 3)) if spec.distractors else 0):
         d_cls = int(rng.integers(num_classes)) if rng.random() < 0.5 else None
         target = rng.uniform(_DISTRACTOR_AREA[0], max_frac) * area
         # Decision: the least-hidden of three candidate placements, so distractors are usually visible.
@@ -308,9 +360,9 @@ def render_object_sample(rng: np.random.Generator, size: int, cls: int,
 
 
 def render_object_image(rng: np.random.Generator, size: int, cls: int, num_classes: int = DEFAULT_NUM_CLASSES,
-                        class_def: str = "shape") -> tuple[np.ndarray, np.ndarray]:
+                        class_def: str = "shape", style: str = "plain") -> tuple[np.ndarray, np.ndarray]:
     """One object-split image (HxWx3 uint8 RGB) of class ``cls`` and its main object's mask (HxW bool)."""
-    sample = render_object_sample(rng, size, cls, num_classes, class_def)
+    sample = render_object_sample(rng, size, cls, num_classes, class_def, style)
     return sample.image, sample.mask
 
 
@@ -327,7 +379,7 @@ def _visible(masks: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int,
-                         class_def: str = "shape") -> list[_Instance]:
+                         class_def: str = "shape", textured: bool = True) -> list[_Instance]:
     """Place 2-6 objects; about half of them next to an earlier one so that they overlap.
 
     A placement is rejected if it would hide more than 55 % of an earlier object, so occlusion is partial.
@@ -346,7 +398,7 @@ def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int,
             reach = (math.sqrt(other.mask.sum() / math.pi) + math.sqrt(target / math.pi)) * rng.uniform(0.35, 0.8)
             theta = rng.uniform(0.0, 2 * math.pi)
             hint = (other.pose.cx + reach * math.cos(theta), other.pose.cy + reach * math.sin(theta))
-        inst = _make_instance(rng, cls, target, size, hint, class_def)
+        inst = _make_instance(rng, cls, target, size, hint, class_def, textured)
         masks = [p.mask for p in placed] + [inst.mask]
         vis = _visible(masks)
         if all(v.sum() >= _SCENE_MIN_VISIBLE_SHARE * m.sum() for v, m in zip(vis, masks)):
@@ -357,15 +409,17 @@ def _place_scene_objects(rng: np.random.Generator, size: int, num_classes: int,
 
 
 def render_scene(rng: np.random.Generator, size: int, num_classes: int = DEFAULT_NUM_CLASSES,
-                 class_def: str = "shape") -> SceneSample:
-    """Draw one scene: clutter, then 2-6 objects in z order; masks are the visible pixels after occlusion.
+                 class_def: str = "shape", style: str = "plain") -> SceneSample:
+    """Draw one scene: the style's background, then 2-6 objects in z order; masks are the visible pixels after
+    occlusion.
 
     Objects whose visible area is below :data:`SCENE_MIN_VISIBLE_FRAC` of the image are dropped *before*
     painting, so every painted object is annotated and the image matches the masks exactly.
     """
     _check_class(0, num_classes)
-    canvas = _background(rng, size)
-    placed = _place_scene_objects(rng, size, num_classes, class_def)
+    spec = style_spec(style)
+    canvas = _style_background(rng, size, spec)
+    placed = _place_scene_objects(rng, size, num_classes, class_def, spec.textured)
     min_px = SCENE_MIN_VISIBLE_FRAC * size * size
     vis = _visible([p.mask for p in placed])
     # Dropping an object only uncovers objects below it, so one filtering pass suffices.
