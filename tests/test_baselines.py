@@ -62,7 +62,8 @@ def test_reestimated_bn_is_the_cumulative_average_over_batches() -> None:
 
 
 def test_reestimate_bn_touches_only_the_evaluated_branch() -> None:
-    cfg = load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "model.bn_splits=2", "method.queue_size=16"])
+    cfg = load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "model.width=64", "model.small_input=false",
+                                       "model.bn_splits=2", "method.queue_size=16"])
     torch.manual_seed(0)
     method = method_class("mocov2")(cfg.method, cfg.model).eval()
     x = _data(6)[:, :, :4, :4].repeat(1, 1, 8, 8)  # 32 px

@@ -65,7 +65,7 @@ def test_pretrain_then_evaluate(tiny_synth: Path, tmp_path: Path, capsys):
     for branch in ("trained", *baselines):
         for key in ("knn_top1", "linear_top1", "k5_top1", "k20_top1"):
             assert 0.0 <= metrics[branch][key] <= 100.0
-    assert metrics["run"]["width"] == 64
+    assert metrics["run"]["width"] == 16  # the main recipe's ResNet-18 of width 16 with the small-input stem
     assert (run / "config.yaml").exists() and (run / "logs" / "csv" / "metrics.csv").exists()
     assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = safe_load(run / "checkpoints" / "last.ckpt")
@@ -86,8 +86,9 @@ def test_pretrain_then_evaluate(tiny_synth: Path, tmp_path: Path, capsys):
     # and the random-init rows are the same architecture, seed and data as `semssl eval knn --random-init`
     # (BatchNorm re-estimated in the run's evaluation batches: eval.batch_size 64)
     rand_json = tmp_path / "rand.json"
-    assert main(["eval", "knn", "--random-init", "--arch", "resnet18", "--seed", "0", "--train", train,
-                 "--test", test, "--size", "32", "--resize-ratio", "1", "--k", "5", "20", "--workers", "0",
+    assert main(["eval", "knn", "--random-init", "--arch", "resnet18", "--width", "16", "--small-input", "--seed",
+                 "0", "--train", train, "--test", test, "--size", "32", "--resize-ratio", "1", "--k", "5", "20",
+                 "--workers", "0",
                  "--batch-size", "64", "--out", str(rand_json)]) == 0
     rand = json.loads(rand_json.read_text())
     for name in baselines:

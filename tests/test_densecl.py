@@ -21,8 +21,8 @@ from semssl.methods import build_method
 from semssl.models.heads import ConvMLP
 from semssl.schedules import Progress
 
-TINY = ["model.arch=resnet18", "method.queue_size=16", "method.dense_queue_size=12", "model.bn_splits=2",
-        "data.batch_size=4", "data.views.0.size=64", "data.views.1.size=64", "optim.warmup=0"]
+TINY = ["model.arch=resnet18", "model.width=64", "model.small_input=false", "method.queue_size=16",
+        "method.dense_queue_size=12", "model.bn_splits=2", "data.batch_size=4", "data.views.0.size=64", "data.views.1.size=64", "optim.warmup=0"]
 
 
 def densecl(overrides: list[str] = ()) -> tuple:

@@ -99,7 +99,7 @@ def test_ema_update():
 
 
 def test_projector_follows_the_backbone_width_and_options():
-    cfg = load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "method.queue_size=16"])
+    cfg = load_config(DEFAULT_RECIPE, ["model.arch=resnet18", "model.width=64", "method.queue_size=16"])
     method = build_method(cfg)
     linears = [m for m in method.encoder_q.projector if isinstance(m, torch.nn.Linear)]
     assert [(l.in_features, l.out_features) for l in linears] == [(512, 512), (512, 128)]  # MoCo-v2: d -> d -> 128
