@@ -14,8 +14,8 @@ Variants (each a ``+``-joined list; the ones measured are in docs/results.md sec
     ``large`` | ``medium`` | ``small``   main-object area (fraction of the image): 15-60 % (version 2),
                               6-35 % (version 3's ``plain``), 4-25 %;
     ``upright``               rotation within +-20 degrees instead of any.
-Every variant draws solid (shaded) objects and no distractors. ``flat+medium`` is ``plain`` up to one random
-draw per image (the texture draw this script keeps so that its numbers are reproducible).
+Every variant draws solid (shaded) objects and no distractors. ``flat+medium`` writes the same pixels as the
+generator's ``plain`` style (version 3), byte for byte; only the file names differ (5 digits here, 6 there).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
                 f"optionally 'upright' (unknown: {sorted(unknown)})")
     background = backgrounds[(parts & set(backgrounds)).pop()]
     target, accepted = AREAS[(parts & set(AREAS)).pop()]
-    R.TEXTURES = ("solid",)  # one texture; the draw is kept, so every image consumes the same random numbers
+    R.TEXTURES = ("solid",)  # one texture (drawing an index among one consumes no random numbers)
     if "upright" in parts:
         sample_pose = R._sample_pose
         R._sample_pose = lambda rng, *a, **k: sample_pose(_UprightRng(rng), *a, **k)
