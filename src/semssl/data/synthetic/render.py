@@ -32,7 +32,6 @@ __all__ = ["STYLE_SPECS", "ObjectSample", "SceneSample", "StyleSpec", "render_ob
            "render_scene", "style_spec"]
 
 
-
 @dataclass(frozen=True)
 class StyleSpec:
     """How the pictures of one ``SynthConfig.style`` are drawn.
@@ -51,8 +50,8 @@ class StyleSpec:
 #: Decision (docs/results.md section 4b): ``plain`` is the default since version 3. In ``cluttered`` pictures
 #: the textures and the background are per-instance cues that survive crops and colour jitter, so contrastive
 #: learning spends its first few hundred steps telling instances apart by them rather than by shape; ``plain``
-#: objects are mid-sized (10-25 % of the image) so that their position varies enough that raw pixels stay near
-#: chance while the shape stays legible at 32 px.
+#: objects are mid-sized (6-35 % of the image, sampled around 10-25 %) so that their position varies enough
+#: that raw pixels stay near chance while the shape stays legible at 32 px.
 STYLE_SPECS: dict[str, StyleSpec] = {
     "plain": StyleSpec("flat", textured=False, distractors=False, main_area_range=(0.06, 0.35),
                        main_area_target=(0.10, 0.25)),
@@ -63,6 +62,7 @@ MAIN_AREA_RANGE = STYLE_SPECS["cluttered"].main_area_range  # version 2's range 
 
 
 def style_spec(style: str) -> StyleSpec:
+    """The :class:`StyleSpec` of ``style``; an unknown name is a :class:`SynthConfigError` listing the known ones."""
     try:
         return STYLE_SPECS[style]
     except KeyError:
