@@ -98,7 +98,9 @@ def test_method_step_does_what_the_engine_does(tiny_cfg):
 def test_method_step_flops_add_one_key_forward_to_supervised(tiny_cfg):
     views = random_views(tiny_cfg, tiny_cfg.data.batch_size)
     moco = count_flops(MethodStep(tiny_cfg, {"views": views}))
-    sup = count_flops(SupervisedStep(views["q"], arch="resnet18", num_classes=10))
+    model = tiny_cfg.model  # the main recipe's trunk (width 16, small-input stem)
+    sup = count_flops(SupervisedStep(views["q"], arch="resnet18", num_classes=10, small_input=model.small_input,
+                                     width=model.width))
     # same trunk and batch: MoCo runs the trunk forward twice (query, key) and backward once
     assert moco.by_op["convolution"] == 2 * sup.by_op["convolution"]
     assert moco.by_op["convolution_backward"] == sup.by_op["convolution_backward"]
