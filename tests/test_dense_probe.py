@@ -211,7 +211,8 @@ def test_cluster_figure_of_a_tiny_dsc(tiny_synth: Path, tmp_path: Path) -> None:
     from semssl.viz.clusters import cluster_maps, load_images
 
     cfg = load_config(DEFAULT_RECIPE, ["method.name=dsc", "method.semantic=kmeans", "model.arch=resnet18",
-                                       "method.queue_size=16", "method.num_clusters=5", "model.bn_splits=2"])
+                                       "model.width=64", "model.small_input=false", "method.queue_size=16",
+                                       "method.num_clusters=5", "model.bn_splits=2"])
     torch.manual_seed(0)
     method = build_method(cfg)
     ckpt = tmp_path / "dsc.ckpt"
