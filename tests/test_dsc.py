@@ -31,8 +31,8 @@ from semssl.methods.dsc import STRATEGIES
 from semssl.schedules import Progress
 
 TINY = ["method.name=dsc", "model.arch=resnet18", "model.width=64", "model.small_input=false", "method.queue_size=16",
-        "model.bn_splits=2", "data.batch_size=4", "data.views.0.size=64", "data.views.1.size=64", "optim.warmup=0", "method.num_clusters=6",
-        "method.num_prototypes=10", "trainer.max_steps=3"]
+        "model.bn_splits=2", "data.batch_size=4", "data.views.0.size=64", "data.views.1.size=64", "optim.warmup=0",
+        "method.num_clusters=6", "method.num_prototypes=10", "trainer.max_steps=3"]
 
 
 # ----------------------------------------------------------------------------------------- Sinkhorn
