@@ -40,7 +40,7 @@ class StyleSpec:
     image); ``main_area_target`` the sampled target, inside it so anti-aliasing cannot push the area out.
     """
 
-    background: str  # "flat" (one colour + sensor noise) or "clutter" (gradients, blotches, lines, blobs, polygons)
+    background: str  # "flat" (one colour + noise), "gradient" (gradient + blotches) or "clutter" (+ lines, blobs, ...)
     textured: bool  # False: every object is one solid (shaded) colour
     distractors: bool  # object split: 0-2 small objects / clutter polygons behind the main object
     main_area_range: tuple[float, float]
@@ -229,16 +229,16 @@ def _flat_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _style_background(rng: np.random.Generator, size: int, spec: StyleSpec) -> np.ndarray:
-    return _flat_background(rng, size) if spec.background == "flat" else _background(rng, size)
+    if spec.background == "flat":
+        return _flat_background(rng, size)
+    if spec.background == "gradient":  # version 2's gradient without its clutter (benchmarks/synth_variants.py)
+        return _gradient_background(rng, size).astype(np.float32)
+    return _background(rng, size)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Class-independent clutter: colour gradient, smooth blotches, lines, translucent blobs, small polygons.
-
-    Decision: clutter is kept thin (lines), translucent (blobs) or small (polygons of 4-9 % of the image side),
-    so it is visible but objects stay the dominant structure. The gradient and the blotches are one 4x4 grid
-    of colours upsampled bicubically (cheap, and smooth at every image size).
-    """
+def _gradient_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A colour gradient with smooth blotches (float32, clipped to 0-255): one 4x4 grid of colours upsampled
+    bicubically (cheap, and smooth at every image size)."""
     ends = _random_colours(rng, 2, sat=(0.05, 0.6), val=(0.2, 0.95))
     psi = rng.uniform(0.0, 2 * math.pi)
     cells = np.linspace(0.0, 1.0, 4)
@@ -248,7 +248,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     up = _upsample_matrix(size)
     rows = np.tensordot(up, grid.astype(np.float32), axes=(1, 0))  # (size, 4, 3): upsampled along y
     smooth = np.matmul(up, rows)  # (size, size, 3): then along x
-    img8 = np.clip(smooth, 0, 255).astype(np.uint8)
+    return np.clip(smooth, 0, 255)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Class-independent clutter: colour gradient, smooth blotches, lines, translucent blobs, small polygons.
+
+    Decision: clutter is kept thin (lines), translucent (blobs) or small (polygons of 4-9 % of the image side),
+    so it is visible but objects stay the dominant structure. The gradient and the blotches are one 4x4 grid
+    of colours upsampled bicubically (cheap, and smooth at every image size).
+    """
+    img8 = _gradient_background(rng, size).astype(np.uint8)
 
     thick = max(1, size // 64)
     n_lines, n_blobs, n_polys = int(rng.integers(1, 5)), int(rng.integers(0, 3)), int(rng.integers(0, 4))
