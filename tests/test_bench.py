@@ -261,3 +261,28 @@ def test_seed_spread_pairs_runs_and_reads_feature_evals(tmp_path, capsys):
     assert "| **A − B** | paired | 0.0 ± 1.4 | 0.0 ± 1.4 | 0.0 ± 1.4 | - | - |" in out
     with pytest.raises(SystemExit, match="metrics.json does not exist"):
         seed_spread.main([f"A={tmp_path / 'missing'}"])
+
+
+def test_saliency_overlap_auroc_and_a_tiny_scd_on_scenes(tiny_synth, tmp_path, capsys):
+    overlap = load_script("saliency_overlap")
+    hi, lo = torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3])
+    assert overlap.auroc(hi, lo) == 1.0 and overlap.auroc(lo, hi) == 0.0
+    assert overlap.auroc(torch.tensor([0.5, 0.5]), torch.tensor([0.5])) == 0.5           # ties count half
+    assert overlap.auroc(torch.tensor([0.2, 0.6]), torch.tensor([0.4])) == 0.5
+
+    from semssl.config import load_config, to_dict
+    from semssl.methods import build_method
+
+    cfg = load_config("scd_mocov2_resnet18_1x64-400it_synthetic",
+                      ["model.arch=resnet18", "method.queue_size=16", "model.bn_splits=2"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    ckpt = tmp_path / "scd.ckpt"
+    torch.save({"semssl_config": to_dict(cfg), "global_step": 7,
+                "state_dict": {f"method.{k}": v for k, v in method.state_dict().items()}}, ckpt)
+    scenes = tiny_synth / "scenes" / "test" / "annotations.json"
+    r = overlap.measure(str(ckpt), str(scenes), 64, None)
+    assert r["images"] + r["skipped"] == len(json.loads(scenes.read_text())["images"]) and r["step"] == 7
+    assert 0 < r["m_objects"] < 1 and 0 < r["m_background"] < 1 and 0 <= r["auroc"] <= 1
+    assert overlap.main(["--checkpoint", str(ckpt), "--json", str(scenes), "--size", "64"]) == 0
+    assert "| 7 | 64 |" in capsys.readouterr().out

@@ -12,8 +12,7 @@ coloured by its cluster, one column per image (top: the image, bottom: the map o
   (``--stage`` chooses).
 
 The same cluster has the same colour in every image (a fixed palette indexed by cluster id). Images: files,
-folders (searched recursively, sorted, spread evenly when they hold more than ``n``), a COCO JSON or
-``synthetic:scenes``; each resized to ``size x size`` (aspect not kept, as in the dense probe) and normalised.
+folders, a COCO JSON or ``synthetic:scenes``, gathered as for every figure (``semssl.viz.images``); each resized to ``size x size`` (aspect not kept, as in the dense probe) and normalised.
 ``trainer.figures: [{name: clusters, every_n_epochs: 5}]`` draws it during training from the training images.
 """
 
@@ -30,13 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from semssl.errors import ConfigError, DataError
 from semssl.viz import save_figure
+from semssl.viz.images import gather
 
 HELP = "cluster maps: each pixel coloured by its k-means / prototype assignment (DSC Fig. 6 in spirit)"
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run folder, semssl .ckpt, or torchvision state_dict")
@@ -52,46 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- images ------------------------------------------------------------------------------------------------
-def _spread(items: list, n: int) -> list:
-    if len(items) <= n:
-        return items
-    return [items[round(i * (len(items) - 1) / max(1, n - 1))] for i in range(n)]
-
-
 def load_images(items: Sequence[str], n: int, size: int, cfg: Any = None) -> Tensor:
-    """Up to ``n`` images ``[n, 3, size, size]`` (normalised) from files/folders, a COCO JSON or
-    ``synthetic:scenes``."""
-    from PIL import Image
-
-    from semssl.data.sources import load_image
-
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
-    pil: list[Image.Image] = []
-    files: list[Path] = []
-    for item in items:
-        if str(item).startswith("synthetic") or str(item).lower().endswith(".json"):
-            from semssl.data.sources import CocoSource
-            from semssl.eval.dense import synthetic_scenes_json
-
-            path = synthetic_scenes_json("train", cfg) if str(item).startswith("synthetic") else str(item)
-            source = CocoSource(path, load_masks=False)
-            pil += [source[i]["image"] for i in _spread(list(range(len(source))), n)]
-            continue
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"--images: '{p}' is neither an image file, a folder, a COCO JSON nor synthetic:scenes")
-    pil += [load_image(f) for f in _spread(files, n)]
-    pil = _spread(pil, n)
-    if not pil:
-        raise DataError(f"--images: no images found in {list(items)}")
+    """Up to ``n`` images ``[n, 3, size, size]`` (normalised, resized to a square) gathered from files, folders,
+    a COCO JSON or ``synthetic:scenes`` (``semssl.viz.images.gather``)."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = []
-    for image in pil:
+    for _, image in gather(items, n, cfg):
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
         x = F.interpolate(x[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)[0]

@@ -27,7 +27,7 @@ import torch
 
 from semssl.errors import ConfigError, DataError
 from semssl.viz import save_figure
-from semssl.viz.saliency import image_files
+from semssl.viz.images import image_files
 
 HELP = "D3SSL's region augmentations (proposals, PRC, PRM, RBJ, composite) on images"
 

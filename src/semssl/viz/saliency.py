@@ -8,8 +8,8 @@ draws the same grid during training from the run's evaluation images (Fig. 6: th
 Decisions: images are resized (shorter side to ``size``) and centre-cropped to ``size`` x ``size``, normalised as
 for evaluation; ``size`` defaults to the run's ``data.eval_size`` (a larger one gives a finer map: the map has
 size/32 cells on a ResNet); the map is upsampled bilinearly; the branch is the model's evaluated one unless
-``--branch`` says otherwise; folders are searched recursively and their images taken in sorted order, spread
-evenly over the folder when it holds more than ``n``.
+``--branch`` says otherwise; ``--images`` are gathered as for every figure (``semssl.viz.images``: files,
+folders, a COCO JSON or ``synthetic:scenes``, spread evenly when there are more than ``n``).
 """
 
 from __future__ import annotations
@@ -18,23 +18,21 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semssl.errors import ConfigError, DataError
+from semssl.errors import ConfigError
 from semssl.viz import save_figure
+from semssl.viz.images import gather
 
 HELP = "SCD saliency maps overlaid on images (paper Figs. 4-6)"
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="an SCD run folder or checkpoint file")
     parser.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
-                        help="image files and/or folders (searched recursively)")
+                        help="image files and/or folders (recursive; a folder with an images/ sub-folder is "
+                             "read through it), a COCO JSON, or synthetic:scenes")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the run's data.eval_size)")
     parser.add_argument("--n", type=int, default=8, help="number of images (default 8)")
     parser.add_argument("--branch", help="online or teacher (default: the method's evaluated branch)")
@@ -42,35 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="saliency.png", help="PNG file to write (default saliency.png)")
 
 
-def image_files(items: Sequence[str | Path], n: int) -> list[Path]:
-    """Up to ``n`` image paths from files and folders: a folder's images (recursive, sorted) are taken evenly
-    spread over it; a DataError when there is none."""
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"--images: '{path}' is neither an image file nor a folder")
-    if not files:
-        raise DataError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in items]}")
-    if len(files) > n:
-        files = [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
-    return files
-
-
-def load_images(files: Sequence[Path], size: int) -> Tensor:
-    """``[n, 3, size, size]`` normalised images (resize shorter side, centre crop)."""
+def load_images(pictures: Sequence[Any], size: int) -> Tensor:
+    """``[n, 3, size, size]`` normalised images (resize shorter side, centre crop) from PIL images."""
     from semssl.data.augment import eval_transform
-    from semssl.data.sources.decode import load_image
 
     transform = eval_transform(size, resize_ratio=1.0)
-    return torch.stack([transform(load_image(f)) for f in files])
+    return torch.stack([transform(p) for p in pictures])
 
 
 def saliency_maps(model: Any, images: Tensor, branch: Optional[str] = None) -> Tensor:
@@ -123,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
     model, info, cfg = load_model(args.checkpoint)
     size = args.size or (cfg.data.eval_size if cfg is not None else 224)
-    files = image_files(args.images, args.n)
-    images = load_images(files, size)
+    names, pictures = zip(*gather(args.images, args.n, cfg))
+    images = load_images(pictures, size)
     branch = model.resolve_branch(args.branch) if hasattr(model, "resolve_branch") else None
     maps = saliency_maps(model, images, branch)
     title = f"{info['method']} ({branch} branch), step {info.get('global_step')}, {size} px: saliency M^fg"
-    out = draw(images, maps, Path(args.out), title, args.columns, [f.name[:18] for f in files])
+    out = draw(images, maps, Path(args.out), title, args.columns, [name[:18] for name in names])
     print(out)
     return 0
 
@@ -141,7 +116,6 @@ def during_training(method: Any, cfg: Any, paths: dict, out: Path, n: int = 8, s
     if not folder:
         raise ConfigError("trainer.figures saliency: the run has no evaluation images (data.eval_test)")
     size = size or cfg.data.eval_size
-    files = image_files([folder], n)
-    images = load_images(files, size)
+    images = load_images([picture for _, picture in gather([folder], n, cfg)], size)
     maps = saliency_maps(method, images, branch)
     draw(images, maps, out, f"{cfg.method.name} {out.stem}, {size} px: saliency M^fg", columns)
