@@ -141,3 +141,12 @@ def test_same_budget_pairs_differ_only_in_the_method(base: str, method: str) -> 
         b["trainer"].pop("run_name", None)
     assert a["trainer"] == b["trainer"]
     assert a["model"]["width"] == 16 and a["model"]["small_input"] is True
+
+
+def test_scd_learning_check_recipe_is_the_same_budget_recipe_run_twice_as_long() -> None:
+    """docs/results.md section 7.2d ran the 1,800-step recipe with trainer.max_steps=3600: the recipe file that
+    names that run must be exactly it."""
+    a = to_dict(load_config("scd_mocov2_resnet18-w16_1x128-3600it_cifar10-6k"))
+    b = to_dict(load_config("scd_mocov2_resnet18-w16_1x128-1800it_cifar10-6k", ["trainer.max_steps=3600"]))
+    a.pop("name"), b.pop("name")
+    assert a == b and a["trainer"]["max_steps"] == 3600
