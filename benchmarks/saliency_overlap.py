@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from semssl.checkpoints import load_model
-from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from semssl.data.sources import CocoSource
+from semssl.viz.images import square_tensor
 from semssl.viz.saliency import saliency_maps
 
 
@@ -49,8 +48,6 @@ def measure(checkpoint: str, json_path: str, size: int | None, branch: str | Non
     size = size or (cfg.data.eval_size if cfg is not None else 224)
     branch = model.resolve_branch(branch) if hasattr(model, "resolve_branch") else None
     source = CocoSource(json_path, load_masks=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     obj_scores, bg_scores, wins, used, skipped = [], [], 0, 0, 0
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -78,10 +75,7 @@ def measure(checkpoint: str, json_path: str, size: int | None, branch: str | Non
         if fg.all() or not fg.any():
             skipped += 1
             continue
-        x = torch.from_numpy(np.asarray(sample["image"].convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-        x = F.interpolate(x[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-        pending.append(((x - mean) / std, fg))
+        pending.append((square_tensor(sample["image"], size), fg))
         if len(pending) == batch:
             flush()
     flush()

@@ -12,7 +12,8 @@ coloured by its cluster, one column per image (top: the image, bottom: the map o
   (``--stage`` chooses).
 
 The same cluster has the same colour in every image (a fixed palette indexed by cluster id). Images: files,
-folders, a COCO JSON or ``synthetic:scenes``, gathered as for every figure (``semssl.viz.images``); each resized to ``size x size`` (aspect not kept, as in the dense probe) and normalised.
+folders, a COCO JSON or ``synthetic:scenes``, gathered as for every figure (``semssl.viz.images``); each resized
+to ``size x size`` (aspect not kept, as in the dense probe) and normalised.
 ``trainer.figures: [{name: clusters, every_n_epochs: 5}]`` draws it during training from the training images.
 """
 
@@ -30,9 +31,10 @@ from torch import Tensor
 
 from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from semssl.viz import save_figure
-from semssl.viz.images import gather
+from semssl.viz.images import gather, square_tensor
 
 HELP = "cluster maps: each pixel coloured by its k-means / prototype assignment (DSC Fig. 6 in spirit)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run folder, semssl .ckpt, or torchvision state_dict")
@@ -51,14 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_images(items: Sequence[str], n: int, size: int, cfg: Any = None) -> Tensor:
     """Up to ``n`` images ``[n, 3, size, size]`` (normalised, resized to a square) gathered from files, folders,
     a COCO JSON or ``synthetic:scenes`` (``semssl.viz.images.gather``)."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    out = []
-    for _, image in gather(items, n, cfg):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-        x = F.interpolate(x[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-        out.append((x - mean) / std)
-    return torch.stack(out)
+    return torch.stack([square_tensor(image, size) for _, image in gather(items, n, cfg)])
 
 
 # -- clusters ----------------------------------------------------------------------------------------------

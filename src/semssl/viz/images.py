@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from semssl.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -79,3 +83,18 @@ def gather(items: Sequence[str | Path], n: int, cfg: Any = None) -> list[tuple[s
     if not found:
         raise DataError(f"--images: no images found in {[str(i) for i in items]}")
     return [(name, load_image(x) if isinstance(x, Path) else x) for name, x in spread(found, n)]
+
+
+def square_tensor(image: Image.Image, size: int) -> Tensor:
+    """``[3, size, size]`` ImageNet-normalised float tensor of a PIL image resized to a square (aspect not kept, as
+    in the dense probe; bilinear with antialiasing)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    x = F.interpolate(x[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=True)[0]
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)

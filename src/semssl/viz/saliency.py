@@ -28,6 +28,7 @@ from semssl.viz.images import gather
 
 HELP = "SCD saliency maps overlaid on images (paper Figs. 4-6)"
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="an SCD run folder or checkpoint file")
     parser.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
