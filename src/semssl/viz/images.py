@@ -6,7 +6,7 @@
 * folders, searched recursively, images in sorted order — except that a folder holding an ``images/``
   sub-folder (the built-in scenes' and COCO's layout: ``images/`` beside class-index masks in ``semantic/`` or
   ``masks/``) is read through ``images/`` only, so the masks are never drawn as if they were pictures;
-* a COCO instances JSON (its images, in the file's order);
+* a COCO instances JSON (its images, ordered by id as `CocoSource` reads them);
 * ``synthetic:scenes`` — the built-in scenes of the run's ``data.synthetic`` section (training split).
 
 When more than ``n`` images are found they are taken evenly spread over the list (first and last included).
