@@ -555,3 +555,16 @@ def test_build_source_kinds_and_options(tmp_path: Path) -> None:
     assert len(build_source(tmp_path / "imgs", kind="folder", labels=False)) == 1
     with pytest.raises(DataError, match="on_error"):
         ImageFolderSource(tmp_path / "imgs", on_error="ignore")  # type: ignore[arg-type]
+
+
+def test_a_folder_holding_annotations_json_is_read_as_its_coco_split(tmp_path: Path) -> None:
+    # The built-in scenes' split layout: images/, semantic/ (class-index masks), annotations.json. As a plain
+    # folder the masks would be listed as images of a class "semantic"; read through the JSON, only the images are.
+    json_path, _, _ = _tiny_coco(tmp_path / "split")
+    json_path.rename(tmp_path / "split" / "annotations.json")
+    _save(tmp_path / "split" / "semantic" / "scene.png")
+    source = build_source(tmp_path / "split")
+    assert isinstance(source, CocoSource) and len(source) == 2
+    assert [p.parent.name for p in source.paths] == ["images", "images"]
+    folder = build_source(tmp_path / "split", kind="folder", labels=False)  # an explicit folder stays a folder
+    assert len(folder) == 3
