@@ -22,7 +22,9 @@ from semssl.eval.dense import (
     confusion_matrix,
     dense_probe,
     folder_pair_segmentation,
+    merge_classes,
     probe_maps,
+    read_class_map,
     segmentation_scores,
     segmentation_source,
     upsampled_logits_at,
@@ -54,6 +56,33 @@ def test_class_index_renumbers_and_drops_the_ignore_value() -> None:
     assert tr.tolist() == [[0, 1], [-1, 2]] and te.tolist() == [[1, 3], [-1, 0]]
     values0, tr0, _ = class_index(train, test, 0)  # coco128: 0 = unlabeled
     assert values0 == [5, 7, 9, 255] and tr0[0, 0] == -1
+
+
+def test_class_map_merges_before_renumbering_and_ignores_what_it_does_not_name(tmp_path, caplog) -> None:
+    train = torch.tensor([[0, 5], [6, 7]])
+    test = torch.tensor([[5, 9], [0, 6]])
+    cmap = {5: 1, 6: 1, 7: 2}                       # 9 is not named: ignored like the ignore index 0
+    assert merge_classes(test, cmap, 0).tolist() == [[1, 0], [0, 1]]
+    values, tr, te = class_index(train, test, 0, cmap)
+    assert values == [1, 2]
+    assert tr.tolist() == [[-1, 0], [0, 1]] and te.tolist() == [[0, -1], [-1, 0]]
+    assert any("[9]" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="ignore index 0"):
+        merge_classes(test, {5: 0}, 0)
+    # A COCO categories file merges by supercategory: 1 + the supercategory's index in name order.
+    coco = tmp_path / "panoptic.json"
+    coco.write_text(json.dumps({"categories": [
+        {"id": 1, "name": "person", "supercategory": "person"}, {"id": 2, "name": "bicycle", "supercategory": "vehicle"},
+        {"id": 3, "name": "car", "supercategory": "vehicle"}, {"id": 17, "name": "cat", "supercategory": "animal"}]}))
+    assert read_class_map(str(coco)) == {1: 2, 2: 3, 3: 3, 17: 1}
+    plain = tmp_path / "map.json"
+    plain.write_text(json.dumps({"5": 1, "6": 1}))
+    assert read_class_map(str(plain)) == {5: 1, 6: 1}
+    plain.write_text(json.dumps({"five": 1}))
+    with pytest.raises(DataError, match="integers"):
+        read_class_map(str(plain))
+    with pytest.raises(DataError, match="not found"):
+        read_class_map(str(tmp_path / "missing.json"))
 
 
 def test_sampled_upsampled_logits_equal_full_upsampling() -> None:

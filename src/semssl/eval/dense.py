@@ -23,6 +23,9 @@ Protocol (``semssl eval dense``):
 
 Classes are the mask values found in the training and test masks other than ``ignore_index``, sorted and
 renumbered 0..K-1 (so COCO panoptic ids up to 200 give K = the number of classes present, not 201).
+``--class-map FILE`` merges raw values first (:func:`read_class_map`): a JSON ``{raw: merged}``, or a COCO file
+whose categories' ``supercategory`` becomes the class — on coco128, 133 panoptic classes become 27
+supercategories, a probe whose classes each occur in enough of the 100 training images to be learned.
 
 Inputs (``--train`` / ``--test``):
 
@@ -62,7 +65,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -242,6 +245,7 @@ class DenseProbeConfig:
     lr: float = 0.01
     weight_decay: float = 0.0
     ignore_index: int = 255
+    class_map: Optional[dict[int, int]] = None  # raw mask value -> merged class value (read_class_map)
     pixels_per_image: int = 1024  # random pixels per image and step of the head's loss (0: all)
     batch_size: int = 0  # head training batch; 0: as many images as keep the sampled logits <= 16M values
     feature_batch_size: int = 64
@@ -272,9 +276,60 @@ def extract_maps(model: Any, dataset: Dataset, kind: str, branch: str | None = N
     return torch.cat(feats), torch.cat(masks)
 
 
-def class_index(train_masks: Tensor, test_masks: Tensor, ignore_index: int) -> tuple[list[int], Tensor, Tensor]:
+def merge_classes(masks: Tensor, class_map: dict[int, int], ignore_index: int) -> Tensor:
+    """Map raw mask values through ``class_map`` (e.g. COCO categories -> their supercategory,
+    :func:`read_class_map`). ``ignore_index`` stays the ignore index, and so does a value the map does not name
+    (logged with its pixel count), so a partial map probes only the classes it names."""
+    if ignore_index in class_map.values():
+        raise ConfigError(f"--class-map maps a value to the ignore index {ignore_index}; merged classes must differ "
+                          f"from it")
+    raw = torch.unique(masks).tolist()
+    unnamed = [v for v in raw if v != ignore_index and v not in class_map]
+    if unnamed:
+        log.warning("dense probe: mask values %s are not in the class map; their %d pixels are ignored",
+                       unnamed[:20], int(torch.isin(masks, torch.tensor(unnamed)).sum()))
+    size = max(max(raw), max(class_map, default=0), max(ignore_index, 0)) + 1
+    lut = torch.full((size,), ignore_index, dtype=torch.long)
+    for old, new in class_map.items():
+        if 0 <= old < size:
+            lut[old] = new
+    return lut[masks.clamp(min=0)].where(masks >= 0, masks)
+
+
+def read_class_map(path: str) -> dict[int, int]:
+    """A class map from a JSON file: either an object ``{"raw value": merged value, ...}``, or a COCO-style
+    file with ``categories`` carrying ``supercategory`` (COCO instances or panoptic JSON), which merges each
+    category id into its supercategory: ``1 + `` the supercategory's index in name order (0 is left free for
+    "unlabeled", e.g. coco128's semantic masks with ``--ignore-index 0``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--class-map: file not found: '{p}'")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--class-map '{p}': not readable JSON ({exc})") from exc
+    if isinstance(doc, dict) and isinstance(doc.get("categories"), list):
+        cats = doc["categories"]
+        if not all(isinstance(c, dict) and "id" in c and "supercategory" in c for c in cats):
+            raise DataError(f"--class-map '{p}': every entry of 'categories' needs 'id' and 'supercategory'")
+        supers = sorted({str(c["supercategory"]) for c in cats})
+        return {int(c["id"]): 1 + supers.index(str(c["supercategory"])) for c in cats}
+    if isinstance(doc, dict) and doc:
+        try:
+            return {int(k): int(v) for k, v in doc.items()}
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"--class-map '{p}': keys and values must be integers ({exc})") from exc
+    raise DataError(f"--class-map '{p}': expected a JSON object of integer pairs or a COCO file with 'categories'")
+
+
+def class_index(train_masks: Tensor, test_masks: Tensor, ignore_index: int,
+                class_map: Optional[dict[int, int]] = None) -> tuple[list[int], Tensor, Tensor]:
     """Renumber mask values: the values found in either split other than ``ignore_index``, sorted, become
-    0..K-1; ``ignore_index`` (and nothing else) becomes -1. Returns ``(values, train, test)``."""
+    0..K-1; ``ignore_index`` (and nothing else) becomes -1. With ``class_map`` the raw values are merged first
+    (:func:`merge_classes`). Returns ``(values, train, test)``."""
+    if class_map:
+        train_masks = merge_classes(train_masks, class_map, ignore_index)
+        test_masks = merge_classes(test_masks, class_map, ignore_index)
     values = sorted(set(torch.unique(train_masks).tolist()) | set(torch.unique(test_masks).tolist()))
     values = [v for v in values if v != ignore_index]
     if not values:
@@ -377,7 +432,7 @@ def predict(head: nn.Conv2d, feats: Tensor, size: tuple[int, int], batch_size: i
 def probe_maps(train_feats: Tensor, train_masks: Tensor, test_feats: Tensor, test_masks: Tensor,
                config: DenseProbeConfig) -> dict[str, Any]:
     """The probe on pre-computed maps and raw masks: renumber classes, standardise, train, score the test split."""
-    values, train_y, test_y = class_index(train_masks, test_masks, config.ignore_index)
+    values, train_y, test_y = class_index(train_masks, test_masks, config.ignore_index, config.class_map)
     train_x, test_x = _standardise(train_feats, test_feats)
     head = train_linear_head(train_x, train_y, len(values), config)
     pred = predict(head, test_x, tuple(test_y.shape[-2:]))
@@ -505,6 +560,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and scores "
                                                                  "(coco128 semantic masks: 0 = unlabeled)")
+    p.add_argument("--class-map", help="merge mask values before probing: a JSON {raw: merged} or a COCO JSON whose "
+                                      "categories' supercategory is the merged class (e.g. coco128's panoptic "
+                                      "JSON: 133 classes -> 27 supercategories)")
     p.add_argument("--pixels-per-image", type=int, default=1024,
                    help="random pixels per image in each step of the head's loss (default 1024; 0: all)")
     p.add_argument("--head-batch-size", type=int, default=0, help="images per head step (0: automatic)")
@@ -557,6 +615,7 @@ def run(args: argparse.Namespace) -> int:
         model, info, cfg = _load(args)
     config = DenseProbeConfig(stage=args.stage, size=args.size, epochs=args.epochs, lr=args.lr,
                               weight_decay=args.weight_decay, ignore_index=args.ignore_index,
+                              class_map=read_class_map(args.class_map) if args.class_map else None,
                               pixels_per_image=args.pixels_per_image, batch_size=args.head_batch_size,
                               feature_batch_size=args.batch_size,
                               num_workers=args.workers, seed=args.seed)
