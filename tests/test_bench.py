@@ -263,6 +263,27 @@ def test_seed_spread_pairs_runs_and_reads_feature_evals(tmp_path, capsys):
         seed_spread.main([f"A={tmp_path / 'missing'}"])
 
 
+def test_region_table_reads_run_folders_and_random_init_files(tmp_path, capsys):
+    region_table = load_script("region_table")
+    oknn = {"oknn_top1": 33.13, "oknn_top5": 53.26, "oknn_disturbed_top1": 35.6, "oknn_disturbed_top5": 51.7}
+    stages = {f"layer{i}": 1.0 + i / 1000 for i in range(1, 5)}
+    run = tmp_path / "soco"
+    run.mkdir()
+    (run / "eval_objects.json").write_text(json.dumps({"objects": oknn, "size": 128}))
+    (run / "eval_bias.json").write_text(json.dumps({"coupling_rate": stages, "positional_mcs": stages}))
+    rnd_objects = tmp_path / "random_objects.json"
+    rnd_objects.write_text(json.dumps({"random_init": {"objects": oknn}, "pixels": {"objects": oknn}}))
+    rnd_bias = tmp_path / "random_bias.json"
+    rnd_bias.write_text(json.dumps({"random_init": {"coupling_rate": stages, "positional_mcs": stages}}))
+    assert region_table.main([f"SoCo={run}", f"random={rnd_objects},{rnd_bias}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| SoCo | 33.1 | 53.3 | 35.6 | 51.7 | 1.001 / 1.002 / 1.003 / 1.004 | 1.001 / 1.002 / 1.003 / 1.004 |"
+    assert out[3].startswith("| random: random_init | 33.1 |") and out[3].endswith("1.003 / 1.004 |")
+    assert out[4] == "| random: pixels | 33.1 | 53.3 | 35.6 | 51.7 | - / - / - / - | - / - / - / - |"
+    with pytest.raises(SystemExit, match="does not exist"):
+        region_table.main([f"X={tmp_path / 'missing.json'}"])
+
+
 def test_saliency_overlap_auroc_and_a_tiny_scd_on_scenes(tiny_synth, tmp_path, capsys):
     overlap = load_script("saliency_overlap")
     hi, lo = torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3])
