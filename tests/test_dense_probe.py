@@ -72,7 +72,8 @@ def test_class_map_merges_before_renumbering_and_ignores_what_it_does_not_name(t
     # A COCO categories file merges by supercategory: 1 + the supercategory's index in name order.
     coco = tmp_path / "panoptic.json"
     coco.write_text(json.dumps({"categories": [
-        {"id": 1, "name": "person", "supercategory": "person"}, {"id": 2, "name": "bicycle", "supercategory": "vehicle"},
+        {"id": 1, "name": "person", "supercategory": "person"},
+        {"id": 2, "name": "bicycle", "supercategory": "vehicle"},
         {"id": 3, "name": "car", "supercategory": "vehicle"}, {"id": 17, "name": "cat", "supercategory": "animal"}]}))
     assert read_class_map(str(coco)) == {1: 2, 2: 3, 3: 3, 17: 1}
     plain = tmp_path / "map.json"

@@ -84,7 +84,7 @@ def test_kmeans_finds_well_separated_clusters() -> None:
         torch.testing.assert_close(centroids[assign[labels == c][0]], F.normalize(members.sum(0), dim=0))
     # the method's first step starts from points of the data, drawn without replacement
     start = kmeans_init(points, 3, generator=torch.Generator().manual_seed(1))
-    dist_to_points = torch.cdist(start, points)
+    dist_to_points = torch.cdist(start, points, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not via matmul
     assert start.shape == (3, 4) and dist_to_points.min(1).values.max() < 1e-6
     assert len(set(dist_to_points.argmin(1).tolist())) == 3
 
