@@ -287,7 +287,7 @@ def merge_classes(masks: Tensor, class_map: dict[int, int], ignore_index: int) -
     unnamed = [v for v in raw if v != ignore_index and v not in class_map]
     if unnamed:
         log.warning("dense probe: mask values %s are not in the class map; their %d pixels are ignored",
-                       unnamed[:20], int(torch.isin(masks, torch.tensor(unnamed)).sum()))
+                    unnamed[:20], int(torch.isin(masks, torch.tensor(unnamed)).sum()))
     size = max(max(raw), max(class_map, default=0), max(ignore_index, 0)) + 1
     lut = torch.full((size,), ignore_index, dtype=torch.long)
     for old, new in class_map.items():
