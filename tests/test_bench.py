@@ -308,3 +308,13 @@ def test_saliency_overlap_auroc_and_a_tiny_scd_on_scenes(tiny_synth, tmp_path, c
     assert 0 < r["m_objects"] < 1 and 0 < r["m_background"] < 1 and 0 <= r["auroc"] <= 1
     assert overlap.main(["--checkpoint", str(ckpt), "--json", str(scenes), "--size", "64"]) == 0
     assert "| 7 | 64 |" in capsys.readouterr().out
+
+
+def test_env_fingerprint_is_deterministic_and_names_every_piece():
+    fp = load_script("env_fingerprint")
+    a, b = fp.fingerprint(n_images=2, size=32, batch=8), fp.fingerprint(n_images=2, size=32, batch=8)
+    assert a == b
+    assert {"backbone/forward", "backbone/grad", "rng/torch", "rng/numpy"} <= set(a)
+    assert all(len(v) == 16 for v in a.values())
+    assert fp.digest(torch.zeros(2)) != fp.digest(torch.zeros(3))  # the shape is part of the digest
+    assert set(fp.versions()) >= {"python", "torch", "numpy"}

@@ -18,7 +18,7 @@ examples:
   semssl pretrain -c mocov2_resnet50_8x32-200e_imagenet data.train=/data/imagenet/train \\
         data.eval_train=/data/imagenet/train data.eval_test=/data/imagenet/val
   semssl pretrain optim.lr=0.06 data.batch_size=32 trainer.max_epochs=20
-  semssl pretrain --resume runs/mocov2_resnet18-w16_1x128-600it_synthetic-20261202-101500
+  semssl pretrain --resume runs/mocov2_resnet18-w16_1x128-800it_synthetic-20261202-101500
 
 overrides are dotted keys of the config tree (see the recipes in configs/); list items by index:
   data.views.0.size=96   trainer.devices=8 trainer.num_nodes=4 trainer.strategy=ddp

@@ -31,7 +31,7 @@ from semssl.methods import available_methods, check_views, method_config_class
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 #: the recipe `semssl pretrain` runs when given none (the main job on the built-in data)
-DEFAULT_RECIPE = "mocov2_resnet18-w16_1x128-600it_synthetic"
+DEFAULT_RECIPE = "mocov2_resnet18-w16_1x128-800it_synthetic"
 
 
 
