@@ -263,6 +263,37 @@ def test_seed_spread_pairs_runs_and_reads_feature_evals(tmp_path, capsys):
         seed_spread.main([f"A={tmp_path / 'missing'}"])
 
 
+def test_seed_spread_reads_scene_evals_without_image_metrics(tmp_path, capsys):
+    seed_spread = load_script("seed_spread")
+
+    def run(name: str, top1: float, cr4: float, miou: float) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"run": {"name": name}}))  # scene recipes: no "trained"
+        oknn = {"oknn_top1": top1, "oknn_top5": 50.0, "oknn_disturbed_top1": top1, "oknn_disturbed_top5": 50.0}
+        (d / "eval_objects.json").write_text(json.dumps({"objects": oknn, "size": 128}))
+        stages = {"layer3": 1.0, "layer4": cr4}
+        (d / "eval_bias.json").write_text(json.dumps({"coupling_rate": stages, "positional_mcs": stages}))
+        (d / "eval_dense.json").write_text(json.dumps({"trained": {"dense_miou": miou, "dense_pixel_acc": 20.0},
+                                                       "random_init": {"dense_miou": 99.0}}))
+        return str(d)
+
+    a = ",".join([run("a0", 36.0, 1.002, 5.0), run("a1", 38.0, 1.006, 7.0)])
+    b = ",".join([run("b0", 35.0, 1.010, 4.0), run("b1", 35.0, 1.010, 4.0)])
+    assert seed_spread.main([f"A={a}", f"B={b}", "--evals", "objects", "bias", "dense", "--diff", "A", "B"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| recipe | seeds | O-KNN top-1 | O-KNN top-5 |") and "| CR layer4 |" in out[0]
+    assert out[0].endswith("| mIoU | pixel acc |")
+    assert out[4] == ("| **A** | mean ± std (2) | 37.0 ± 1.4 | 50.0 ± 0.0 | 37.0 ± 1.4 | 50.0 ± 0.0 | "
+                      "1.000 ± 0.000 | 1.004 ± 0.003 | 1.000 ± 0.000 | 1.004 ± 0.003 | 6.0 ± 1.4 | 20.0 ± 0.0 |")
+    assert out[-1].startswith("| **A − B** | paired | 2.0 ± 1.4 |") and "| -0.006 ± 0.003 |" in out[-1]
+    with pytest.raises(SystemExit, match="eval_dense_super.json does not exist"):
+        seed_spread.main([f"A={a}", "--evals", "dense_super"])
+    (Path(b.split(",")[0]) / "eval_dense.json").write_text(json.dumps({"miou": 3.0}))
+    with pytest.raises(SystemExit, match="has no 'trained' section"):
+        seed_spread.main([f"B={b}", "--evals", "dense"])
+
+
 def test_region_table_reads_run_folders_and_random_init_files(tmp_path, capsys):
     region_table = load_script("region_table")
     oknn = {"oknn_top1": 33.13, "oknn_top5": 53.26, "oknn_disturbed_top1": 35.6, "oknn_disturbed_top5": 51.7}
