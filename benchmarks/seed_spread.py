@@ -28,6 +28,9 @@ EVALS: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
     "objects": ("objects", (("O-KNN top-1", ("oknn_top1",)), ("O-KNN top-5", ("oknn_top5",)),
                             ("disturbed top-1", ("oknn_disturbed_top1",)),
                             ("disturbed top-5", ("oknn_disturbed_top5",)))),
+    "objects_c4": ("objects", (("O-KNN C4 top-1", ("oknn_top1",)), ("O-KNN C4 top-5", ("oknn_top5",)),
+                               ("disturbed C4 top-1", ("oknn_disturbed_top1",)),
+                               ("disturbed C4 top-5", ("oknn_disturbed_top5",)))),
     "bias": ("", tuple((f"{name} {stage}", (key, stage)) for name, key in (("CR", "coupling_rate"),
                                                                            ("MCS", "positional_mcs"))
                        for stage in ("layer3", "layer4"))),

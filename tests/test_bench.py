@@ -292,6 +292,11 @@ def test_seed_spread_reads_scene_evals_without_image_metrics(tmp_path, capsys):
     (Path(b.split(",")[0]) / "eval_dense.json").write_text(json.dumps({"miou": 3.0}))
     with pytest.raises(SystemExit, match="has no 'trained' section"):
         seed_spread.main([f"B={b}", "--evals", "dense"])
+    for d in a.split(","):  # `semssl eval objects --roi c4 --out <run>/eval_objects_c4.json`: its own columns
+        (Path(d) / "eval_objects_c4.json").write_text(json.dumps({"objects": {"oknn_top1": 41.0, "oknn_top5": 52.0}}))
+    assert seed_spread.main([f"A={a}", "--evals", "objects", "objects_c4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("| O-KNN C4 top-1 | O-KNN C4 top-5 |") and out[-1].endswith("| 41.0 ± 0.0 | 52.0 ± 0.0 |")
 
 
 def test_region_table_reads_run_folders_and_random_init_files(tmp_path, capsys):

@@ -17,13 +17,16 @@ from semssl.eval.objects import (
     ObjectsConfig,
     SceneObjects,
     box_mask,
+    c4_roi_features,
     disturb,
     evaluate_objects,
+    extract_object_features,
     letterbox,
     open_coco,
     partner_indices,
     roi_features,
     scale_boxes,
+    scene_loader,
     select_objects,
     stage_stride,
 )
@@ -128,6 +131,42 @@ def test_stage_stride_and_roi_features():
     assert torch.allclose(feats[0], torch.tensor([1.0, 1.0])) and torch.allclose(feats[1], torch.tensor([0.0, 1.0]))
     flat = roi_features(fmap, [torch.tensor([[0.0, 0, 16, 32]])], (64, 64), pool="flatten")
     assert flat.shape == (1, 2 * 49)
+
+
+def test_c4_roi_of_the_whole_224px_image_is_the_pooled_feature():
+    """``roi="c4"`` (RoIAlign 14x14 on layer3, then layer4): for the whole-image box at 224 px the RoIAlign reads
+    the 14x14 layer3 map's cell centres exactly, so the object feature is the backbone's pooled feature."""
+    from semssl.models.backbones import BackboneModel, ResNetBackbone
+
+    torch.manual_seed(0)
+    model = BackboneModel(ResNetBackbone("resnet18", width=8)).eval()
+    images = torch.randn(2, 3, 224, 224)
+    whole = [torch.tensor([[0.0, 0.0, 224.0, 224.0]])] * 2
+    with torch.no_grad():
+        layer3 = model.features(images, kind="layer3")
+        c4 = c4_roi_features(layer3, whole, (224, 224), model.backbone_for().stage("layer4"))
+        pooled = model.features(images, kind="pooled")
+    assert torch.allclose(c4, pooled, atol=1e-5)
+
+
+def test_c4_roi_option_runs_through_the_protocol_and_pixels_keep_their_features(tiny_coco):
+    from semssl.eval.objects import ObjectPixels
+    from semssl.models.backbones import BackboneModel, ResNetBackbone
+
+    torch.manual_seed(0)
+    model = BackboneModel(ResNetBackbone("resnet18", width=8))
+    loader = scene_loader(SceneObjects(open_coco(tiny_coco[0]), 64), batch_size=4)
+    c4, labels, _ = extract_object_features(model, loader, roi="c4")
+    c5, labels5, _ = extract_object_features(model, loader, roi="c5")
+    assert c4.shape == c5.shape == (12, 64) and torch.equal(labels, labels5) and not torch.allclose(c4, c5)
+    px4, _, _ = extract_object_features(ObjectPixels(), loader, roi="c4")
+    px5, _, _ = extract_object_features(ObjectPixels(), loader, roi="c5")
+    assert torch.equal(px4, px5)
+    res = evaluate_objects(model, open_coco(tiny_coco[0]), open_coco(tiny_coco[1]),
+                           ObjectsConfig(size=64, roi="c4", batch_size=4))
+    assert "C4" in res["roi"] and 0.0 <= res["oknn_top1"] <= 100.0
+    with pytest.raises(Exception, match="roi"):
+        evaluate_objects(model, open_coco(tiny_coco[0]), open_coco(tiny_coco[1]), ObjectsConfig(size=64, roi="c3"))
 
 
 # ------------------------------------------------------------------------------------------------ protocol

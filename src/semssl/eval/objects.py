@@ -7,7 +7,10 @@ Protocol:
   kept (:func:`select_objects`) — all of them: the memory is every kept object of the train split, the queries
   every kept object of the test split (DESIGN.md; the paper's "N objects per image" is not given);
 * object feature = RoIAlign 7x7 of the box on the last stage map (``model.features(images, branch,
-  kind="layer4")``), average-pooled (:func:`roi_features`);
+  kind="layer4")``), average-pooled (:func:`roi_features`) — ``roi="c5"``, DESIGN.md's reading of the paper's
+  "from the C5 block ... RoIAlign 7x7 and average pooling"; ``roi="c4"`` is the other reading METHODS.md §5.3
+  leaves open, the region path SoCo/D3SSL pre-train with: RoIAlign 14x14 on layer3, the backbone's layer4 on the
+  RoIs, average pooling (:func:`c4_roi_features`);
 * weighted kNN of :func:`semssl.eval.knn.knn_evaluate` (cosine, k 20, votes exp(s/0.07)); top-1 / top-5 in
   percent, keys ``oknn_top1`` / ``oknn_top5``;
 * disturbed O-KNN: the same, but every pixel outside the selected boxes of an image is replaced by the pixel at
@@ -49,6 +52,7 @@ __all__ = [
     "ObjectsConfig",
     "SceneObjects",
     "box_mask",
+    "c4_roi_features",
     "disturb",
     "evaluate_objects",
     "extract_object_features",
@@ -67,6 +71,7 @@ __all__ = [
 log = logging.getLogger("semssl.eval")
 
 RESIZE_MODES = ("pad", "stretch")
+ROI_MODES = ("c5", "c4")
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -175,15 +180,16 @@ def roi_features(feature_map: Tensor, boxes: Sequence[Tensor], image_size: tuple
 
     RoIAlign ``output_size`` x ``output_size`` (torchvision, ``aligned=True``, adaptive sampling ratio as
     Detectron2's ROIAlign, spatial scale 1/stride with the stride of :func:`stage_stride`), then ``avg``: the
-    mean over the bins -> ``[sum K_i, C]``, or ``flatten`` -> ``[sum K_i, C * output_size**2]`` (the pixel
-    baseline). Rows follow the images, then the boxes within an image. float32.
+    mean over the bins -> ``[sum K_i, C]``, ``flatten`` -> ``[sum K_i, C * output_size**2]`` (the pixel
+    baseline), or ``none`` -> the RoIs ``[sum K_i, C, output_size, output_size]``. Rows follow the images, then
+    the boxes within an image. float32.
 
     Note: RoIAlign samples bilinearly, so a bin next to a box edge reads up to half a map cell beyond it unless
     its sampling points fall on cell centres (box edges on the cell grid and a box width of a multiple of
     ``output_size`` cells); coupling and positional measures on deep stages include that reach.
     """
-    if pool not in ("avg", "flatten"):
-        raise ConfigError(f"pool: expected 'avg' or 'flatten', got {pool!r}")
+    if pool not in ("avg", "flatten", "none"):
+        raise ConfigError(f"pool: expected 'avg', 'flatten' or 'none', got {pool!r}")
     if feature_map.dim() != 4 or len(boxes) != feature_map.shape[0]:
         raise EvalInputError(f"roi_features: expected a [B, C, h, w] map and B box tensors, got map "
                              f"{tuple(feature_map.shape)} and {len(boxes)} box tensors")
@@ -195,7 +201,19 @@ def roi_features(feature_map: Tensor, boxes: Sequence[Tensor], image_size: tuple
     fmap = feature_map.float()
     rois = roi_align(fmap, [b.to(fmap.device, torch.float32).reshape(-1, 4) for b in boxes], output_size,
                      spatial_scale=1.0 / stride_x, sampling_ratio=-1, aligned=True)
-    return rois.mean(dim=(2, 3)) if pool == "avg" else rois.flatten(1)
+    return rois.mean(dim=(2, 3)) if pool == "avg" else rois.flatten(1) if pool == "flatten" else rois
+
+
+def c4_roi_features(layer3: Tensor, boxes: Sequence[Tensor], image_size: tuple[int, int], layer4: nn.Module,
+                    output_size: int = 14) -> Tensor:
+    """SoCo's C4 region feature (``roi="c4"``): RoIAlign ``output_size`` x ``output_size`` (14, SoCo's) of
+    ``boxes`` on the ``layer3`` map ``[B, C3, h, w]`` (:func:`roi_features`), ``layer4`` (the backbone's C5 stage)
+    on the RoIs, average pooling -> ``[sum K_i, C5]`` float32.
+
+    For the whole-image box of a 224 px image (layer3 14x14) the RoIAlign samples exactly the map's cell centres,
+    so the feature equals the backbone's pooled feature of the image (a test checks it)."""
+    rois = roi_features(layer3, boxes, image_size, output_size, pool="none")
+    return layer4(rois).float().mean(dim=(2, 3))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -326,11 +344,19 @@ class ObjectPixels(nn.Module):
 
 @torch.no_grad()
 def extract_object_features(model: nn.Module, loader: DataLoader, branch: str | None = None,
-                            kind: str = "layer4", output_size: int = 7,
-                            device: Any = "cpu") -> tuple[Tensor, Tensor, int]:
+                            kind: str = "layer4", output_size: int = 7, device: Any = "cpu",
+                            roi: str = "c5") -> tuple[Tensor, Tensor, int]:
     """(object features ``[N, D]`` float32 on CPU, labels ``[N]``, skipped images) of every selected object of
-    ``loader`` (:func:`scene_loader`), in dataset order. ``model`` is run in eval mode and its mode restored."""
+    ``loader`` (:func:`scene_loader`), in dataset order. ``model`` is run in eval mode and its mode restored.
+
+    ``roi="c5"``: :func:`roi_features` (``output_size``, on the ``kind`` map); ``roi="c4"``:
+    :func:`c4_roi_features` (14x14 on layer3, then the backbone's layer4) — models without a backbone (the pixel
+    baseline) keep their own features."""
+    if roi not in ROI_MODES:
+        raise ConfigError(f"roi: expected one of {ROI_MODES}, got {roi!r}")
     pool = getattr(model, "object_pool", "avg")
+    c4 = roi == "c4" and hasattr(model, "backbone_for")
+    layer4 = model.backbone_for(model.resolve_branch(branch)).stage("layer4") if c4 else None
     was_training = model.training
     model.eval()
     feats, labels, skipped = [], [], 0
@@ -340,8 +366,12 @@ def extract_object_features(model: nn.Module, loader: DataLoader, branch: str | 
             if sum(len(b) for b in batch["boxes"]) == 0:
                 continue
             images = batch["image"].to(device)
-            fmap = model.features(images, branch=branch, kind=kind)
-            feats.append(roi_features(fmap, batch["boxes"], tuple(images.shape[-2:]), output_size, pool).cpu())
+            if c4:
+                fmap = model.features(images, branch=branch, kind="layer3")
+                feats.append(c4_roi_features(fmap, batch["boxes"], tuple(images.shape[-2:]), layer4).cpu())
+            else:
+                fmap = model.features(images, branch=branch, kind=kind)
+                feats.append(roi_features(fmap, batch["boxes"], tuple(images.shape[-2:]), output_size, pool).cpu())
             labels.append(batch["labels"])
     finally:
         model.train(was_training)
@@ -370,6 +400,9 @@ class ObjectsConfig:
     temperature: float = 0.07
     output_size: int = 7
     kind: str = "layer4"
+    #: ``c5`` (DESIGN.md: RoIAlign ``output_size`` on the ``kind`` map) or ``c4`` (SoCo's pre-training path:
+    #: RoIAlign 14x14 on layer3, then layer4; ``output_size`` and ``kind`` are then unused)
+    roi: str = "c5"
     disturbed: bool = False
     #: which splits get disturbed: ``both`` (default: "the feature extraction pipeline is kept the same", so the
     #: memory too) or ``test`` (queries only, against a clean memory)
@@ -392,9 +425,11 @@ def _run(model: nn.Module, train: CocoSource, test: CocoSource, cfg: ObjectsConf
          branch: str | None, device: Any) -> tuple[dict[str, float], dict[str, int]]:
     memory_set, query_set = _datasets(train, test, cfg, disturbed)
     memory, memory_labels, skipped_m = extract_object_features(
-        model, scene_loader(memory_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device)
+        model, scene_loader(memory_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device,
+        cfg.roi)
     queries, query_labels, skipped_q = extract_object_features(
-        model, scene_loader(query_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device)
+        model, scene_loader(query_set, cfg.batch_size, cfg.workers), branch, cfg.kind, cfg.output_size, device,
+        cfg.roi)
     if getattr(model, "center_objects", False):
         mean = memory.double().mean(0).float()
         memory, queries = memory - mean, queries - mean
@@ -413,6 +448,8 @@ def evaluate_objects(model: nn.Module, train: CocoSource, test: CocoSource, cfg:
     cfg = cfg or ObjectsConfig()
     if cfg.disturb not in ("both", "test"):
         raise ConfigError(f"disturb: expected 'both' or 'test', got {cfg.disturb!r}")
+    if cfg.roi not in ROI_MODES:
+        raise ConfigError(f"roi: expected one of {ROI_MODES}, got {cfg.roi!r}")
     out, counts = _run(model, train, test, cfg, False, branch, device)
     if cfg.disturbed:
         disturbed, _ = _run(model, train, test, cfg, True, branch, device)
@@ -420,7 +457,9 @@ def evaluate_objects(model: nn.Module, train: CocoSource, test: CocoSource, cfg:
     if counts["skipped_images"]:
         log.warning("O-KNN: %d undecodable image(s) skipped", counts["skipped_images"])
     return {**out, **counts, "k": cfg.k, "temperature": cfg.temperature, "size": cfg.size, "resize": cfg.resize,
-            "min_side": cfg.min_side, "roi": f"RoIAlign {cfg.output_size}x{cfg.output_size} on {cfg.kind}",
+            "min_side": cfg.min_side,
+            "roi": f"RoIAlign {cfg.output_size}x{cfg.output_size} on {cfg.kind}" if cfg.roi == "c5" else
+            "RoIAlign 14x14 on layer3, then layer4 (C4)",
             **({"disturb": cfg.disturb, "seed": cfg.seed} if cfg.disturbed else {})}
 
 
@@ -470,6 +509,10 @@ def add_arguments(parser: Any) -> None:
                         help="also disturbed O-KNN: pixels outside the selected boxes replaced by another image")
     parser.add_argument("--disturb", choices=["both", "test"], default="both",
                         help="disturbed O-KNN: disturb memory and queries (default) or the queries only")
+    parser.add_argument("--roi", choices=ROI_MODES, default="c5",
+                        help="object feature: c5 = RoIAlign 7x7 on layer4, average-pooled (DESIGN.md, default); c4 = "
+                             "RoIAlign 14x14 on layer3, then layer4, average-pooled (SoCo's pre-training path; the "
+                             "pixel baseline is the same either way)")
     parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
@@ -481,7 +524,7 @@ def run(args: Any) -> int:
     train = open_coco(args.train, args.train_images)
     test = open_coco(args.test, args.test_images)
     cfg = ObjectsConfig(size=args.size, resize=args.resize, min_side=args.min_side, k=args.k,
-                        temperature=args.temperature, disturbed=args.disturbed, disturb=args.disturb,
+                        temperature=args.temperature, roi=args.roi, disturbed=args.disturbed, disturb=args.disturb,
                         seed=args.seed, batch_size=args.batch_size, workers=args.workers)
     models, _ = models_for_eval(args, lambda m: object_baselines(m, train, cfg))
     results, columns = {}, {}
