@@ -285,7 +285,7 @@ def test_seed_spread_reads_scene_evals_without_image_metrics(tmp_path, capsys):
     assert out[0].startswith("| recipe | seeds | O-KNN top-1 | O-KNN top-5 |") and "| CR layer4 |" in out[0]
     assert out[0].endswith("| mIoU | pixel acc |")
     assert out[4] == ("| **A** | mean ± std (2) | 37.0 ± 1.4 | 50.0 ± 0.0 | 37.0 ± 1.4 | 50.0 ± 0.0 | "
-                      "1.000 ± 0.000 | 1.004 ± 0.003 | 1.000 ± 0.000 | 1.004 ± 0.003 | 6.0 ± 1.4 | 20.0 ± 0.0 |")
+                      "1.000 ± 0.000 | 1.004 ± 0.003 | 1.000 ± 0.000 | 1.004 ± 0.003 | 6.00 ± 1.41 | 20.0 ± 0.0 |")
     assert out[-1].startswith("| **A − B** | paired | 2.0 ± 1.4 |") and "| -0.006 ± 0.003 |" in out[-1]
     with pytest.raises(SystemExit, match="eval_dense_super.json does not exist"):
         seed_spread.main([f"A={a}", "--evals", "dense_super"])
