@@ -283,6 +283,14 @@ def test_attention_figure_from_a_fresh_method_and_from_a_checkpoint(tmp_path: Pa
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_attention_title_names_the_table7_variant() -> None:
+    from semssl.viz.attention import figure_title
+
+    assert figure_title({"method": "scfs"}, scfs_cfg("dino_ml"), "teacher", "layer3") == "scfs (dino_ml) teacher layer3"
+    assert figure_title({"method": "scfs"}, scfs_cfg("scfs"), "teacher", "layer4") == "scfs teacher layer4"
+    assert figure_title({"method": "dino"}, None, "teacher", "layer4") == "dino teacher layer4"
+
+
 def test_recipes_scfs_and_its_dino_baseline_differ_only_by_the_stage_heads() -> None:
     stage_keys = {"variant", "stages", "search_views", "global_term", "stage_weight", "stage_out_dim",
                   "stage_hidden_dim", "stage_mid_channels", "roi_output_size"}

@@ -151,13 +151,23 @@ def draw_attention(model: Any, image: str | Path | PIL.Image.Image, out: str | P
     return draw(x, crops, maps, mean_map, Path(out), title or stage)
 
 
+def figure_title(info: dict, cfg: Any, branch: str | None, stage: str) -> str:
+    """``"<method> [(<variant>)] <branch> <stage>"``: SCFS's Table 7 variants (DINO*, DINO w ML, ...) share the
+    method name ``scfs``, so the variant is named when it is not the method itself."""
+    variant = getattr(getattr(cfg, "method", None), "variant", None)
+    method = info.get("method", "")
+    if variant and variant != method:
+        method = f"{method} ({variant})"
+    return f"{method} {branch} {stage}"
+
+
 def run(args: argparse.Namespace) -> int:
     from semssl.checkpoints import load_model
 
     model, info, cfg = load_model(args.checkpoint)
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_attention_{args.stage}.png")
     branch = args.branch or info.get("default_branch")
-    title = f"{info.get('method', '')} {branch} {args.stage}"
+    title = figure_title(info, cfg, branch, args.stage)
     draw_attention(model, args.image, out, stage=args.stage, size=args.size, local_size=args.local_size,
                    branch=args.branch, cfg=cfg, title=title)
     print(out)
