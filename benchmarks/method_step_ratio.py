@@ -27,6 +27,12 @@ boxes/proposals), which region methods (SoCo, D3SSL) need:
         densecl_resnet18_1x32-600it_scenes dsc_resnet18_1x32-600it_scenes@method.semantic=kmeans --size 128
     .venv/bin/python benchmarks/method_step_ratio.py --data --recipes soco_resnet18_1x32-300it_scenes \\
         d3ssl_resnet18_1x32-300it_scenes --size 128
+
+Variants of one small recipe at its own resolution (below 96 px) need ``--allow-small``, e.g. the channels-last
+memory format on a 32 px CIFAR recipe:
+
+    .venv/bin/python benchmarks/method_step_ratio.py --allow-small --size 32 --batch 128 --threads 2 --recipes \\
+        scd_byol_resnet18-w16_1x128-1800it_cifar10-6k scd_byol_resnet18-w16_1x128-1800it_cifar10-6k@model.channels_last=true
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=96,
                    help=f"resolution of the first view in px, >= {MIN_SIZE} (default 96); other views keep their "
                         f"size ratio to it")
+    p.add_argument("--allow-small", action="store_true",
+                   help=f"allow --size below {MIN_SIZE} px: for variants of the small recipes at their own resolution "
+                        f"(e.g. model.channels_last on the 32 px CIFAR recipes); the paper-style comparison of a "
+                        f"method with its base is read at >= {MIN_SIZE} px")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -101,8 +111,8 @@ def build(spec: str, args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.size < MIN_SIZE:
-        raise BenchError(f"--size {args.size}: use >= {MIN_SIZE} px")
+    if args.size < MIN_SIZE and not args.allow_small:
+        raise BenchError(f"--size {args.size}: use >= {MIN_SIZE} px (or --allow-small for a small recipe's variants)")
     torch.set_num_threads(args.threads)
     steps: dict[str, Any] = {}
     for recipe in args.recipes:

@@ -182,6 +182,21 @@ def test_step_time_end_to_end(tmp_path, capsys):
     assert "| time ratio | FLOP ratio |" in capsys.readouterr().out
 
 
+def test_method_step_ratio_small_sizes_need_allow_small(tiny_synth, tmp_path):
+    script = load_script("method_step_ratio")
+    common = [f"data.synthetic.root={tiny_synth}", "data.num_workers=0", "model.width=8", "model.bn_splits=1"]
+    recipe = "mocov2_resnet18_1x64-400it_synthetic"
+    args = ["--recipes", recipe, f"{recipe}@model.channels_last=true", "--batch", "4", "--size", "32", "--steps", "1",
+            "--warmup", "0"]
+    with pytest.raises(script.BenchError, match="--allow-small"):
+        script.run(script.parse_args([*args, *common]))
+    out = tmp_path / "small.json"
+    assert script.main([*args, "--allow-small", "--out", str(out), *common]) == 0
+    res = json.loads(out.read_text())
+    assert res["size"] == 32 and list(res["rows"]) == [recipe, f"{recipe}@model.channels_last=true"]
+    assert res["rows"][f"{recipe}@model.channels_last=true"]["flop_ratio"] == pytest.approx(1.0, abs=0.02)
+
+
 def test_data_throughput_script_on_tiny_data(tiny_synth, tmp_path, capsys):
     script = load_script("data_throughput")
     out = tmp_path / "dt.json"
