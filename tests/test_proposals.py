@@ -25,7 +25,7 @@ from semssl.data.proposals import (
     selective_search,
     side_filter,
 )
-from semssl.data.sources import CocoSource, ImageFolderSource
+from semssl.data.sources import CocoSource, FileListSource, ImageFolderSource
 from semssl.errors import DataError
 
 
@@ -224,6 +224,20 @@ def test_sources_attach_proposals(tmp_path, tiny_synth):
     p = sample["proposals"]
     assert p.shape[0] >= 1 and (p[:, 2] <= w).all() and (p[:, 3] <= h).all() and (p[:, :2] >= 0).all()
     assert scenes.proposals.summary["images"] == len(scenes)
+
+
+def test_a_weighted_file_list_gets_proposals_once_per_file(tmp_path, capsys):
+    paths = write_images(tmp_path / "imgs", 2)
+    lst = tmp_path / "mixed.txt"
+    lst.write_text("\n".join(str(p) for p in [paths[0], paths[1], paths[0]]) + "\n")  # image 0 weighted x2
+    source = FileListSource(lst, proposals=True)
+    assert len(source) == 3 and (tmp_path / "mixed.txt.proposals.json").is_file()
+    cached = json.loads((tmp_path / "mixed.txt.proposals.json").read_text())["images"]
+    assert len(cached) == 2  # one entry per distinct file
+    assert torch.equal(source[0]["proposals"], source[2]["proposals"])
+    assert source.proposals.summary["computed"] == 2
+    assert cli_main(["data", "proposals", str(lst), "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["fresh"] is True
 
 
 def test_cli_computes_checks_and_reports(tmp_path, capsys):

@@ -210,7 +210,7 @@ def cmd_data_proposals(args: argparse.Namespace) -> int:
     """Compute / refresh (or with ``--check`` only inspect: exit 1 when stale) the proposals cache of a COCO JSON
     or an image folder, listing the images exactly as the sources do (so it is the cache a source reads)."""
     from semssl.data.proposals import check_proposals, ensure_proposals, parse_params
-    from semssl.data.sources import CocoSource, ImageFolderSource, build_source
+    from semssl.data.sources import CocoSource, FileListSource, ImageFolderSource, build_source
     from semssl.errors import DataError
 
     source = build_source(args.path)
@@ -218,8 +218,10 @@ def cmd_data_proposals(args: argparse.Namespace) -> int:
         paths, base_dir, location = list(source.paths), source.images_dir, source.annotation_json
     elif isinstance(source, ImageFolderSource):
         paths, base_dir, location = list(source.paths), source.root, source.root
+    elif isinstance(source, FileListSource):
+        paths, base_dir, location = list(source.paths), source.root, source.list_file
     else:
-        raise DataError(f"proposals are cached for COCO annotation files and image folders, not for "
+        raise DataError(f"proposals are cached for COCO annotation files, image folders and file lists, not for "
                         f"'{args.path}' ({type(source).__name__})")
     settings = parse_params(args.param)
     if args.check:
@@ -372,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc = dsub.add_parser("check", help="decode every image of a folder / list / COCO JSON; report bad files")
     pc.add_argument("path")
     pc.set_defaults(func=cmd_data_check)
-    pp = dsub.add_parser("proposals", help="compute / refresh the selective-search proposals cache of a COCO JSON "
-                                           "or image folder (SoCo/D3SSL; see semssl.data.proposals)")
+    pp = dsub.add_parser("proposals", help="compute / refresh the selective-search proposals cache of a COCO "
+                                           "JSON, image folder or file list (SoCo/D3SSL; see semssl.data.proposals)")
     pp.add_argument("path")
     pp.add_argument("--workers", type=int, help="worker processes (default: min(8, CPU count))")
     pp.add_argument("--cache", help="cache file (default: <path>.proposals.json beside the data, or the user cache)")

@@ -525,8 +525,7 @@ def ensure_proposals(
     paths = [Path(p) for p in paths]
     base_dir, location = Path(base_dir), Path(location)
     files = [_relative(p, base_dir) for p in paths]
-    if len(set(files)) != len(files):
-        raise DataError(f"dataset '{location}' lists the same image file twice; proposals are cached per file")
+    distinct = list(dict.fromkeys(files))  # a file listed twice (a weighted file list) is cached once
     path = Path(cache_path) if cache_path is not None else default_cache_path(location)
     state = check_proposals(paths, base_dir, location, params, path)
     computed, seconds = 0, 0.0
@@ -551,7 +550,8 @@ def ensure_proposals(
                 why = "forced" if force else state.describe()
                 log.warning("computing selective-search proposals of %d of %d images of %s (%s) -> %s",
                             len(todo), len(files), location, why, path)
-                tasks = [(i, str(p), params.key()) for i, (f, p) in enumerate(zip(files, paths)) if f in todo]
+                first = {f: i for i, f in reversed(list(enumerate(files)))}
+                tasks = [(first[f], str(paths[first[f]]), params.key()) for f in distinct if f in todo]
                 start, n_workers = time.perf_counter(), workers or min(8, os.cpu_count() or 1)
                 for done, (i, entry) in enumerate(_compute(tasks, n_workers), 1):
                     cache.entries[files[i]] = entry
@@ -559,7 +559,7 @@ def ensure_proposals(
                         log.info("proposals: %d / %d images", done, len(tasks))
                 seconds, computed = time.perf_counter() - start, len(tasks)
                 cache.params, cache.version, cache.opencv = params.key(), ALGORITHM_VERSION, _opencv_version()
-                cache.write(files, base_dir, location)
+                cache.write(distinct, base_dir, location)
     cache = ProposalCache.read(path)
     assert cache is not None
     entries = [cache.entries[f] for f in files]

@@ -29,7 +29,12 @@ class FileListSource(ImageSource):
     files the fields are separated by whitespace (so a path cannot contain spaces there); ``.csv`` files are
     read with the csv module (quoted paths may hold commas or spaces; a header row ``path[,label]`` is
     skipped). Labels are non-negative integers, present on every line or on none: a file mixing both is a
-    DataError naming the first line that breaks the rule. ``classes`` are ``"0" .. str(max label)``.
+    DataError naming the first line that breaks the rule. ``classes`` are ``"0" .. str(max label)``. A path may
+    appear on several lines (it is then sampled that many times per epoch: a way to weight the parts of a mixed
+    list).
+
+    ``proposals`` / ``proposal_params``: as for :class:`~semssl.data.sources.folder.ImageFolderSource`, with the
+    cache ``<list file>.proposals.json`` beside the list (one entry per distinct file).
     """
 
     def __init__(
@@ -37,6 +42,8 @@ class FileListSource(ImageSource):
         list_file: str | os.PathLike[str],
         root: str | os.PathLike[str] | None = None,
         on_error: OnError = "skip",
+        proposals: bool | str = False,
+        proposal_params: dict | None = None,
     ) -> None:
         super().__init__(on_error)
         self.list_file = _require_file(list_file, "file list")
@@ -54,13 +61,22 @@ class FileListSource(ImageSource):
             f"'{self.list_file}'",
             f"relative paths are resolved against '{self.root}'; check root=",
         )
+        self.proposals = None
+        if proposals:
+            from semssl.data.proposals import SourceProposals
+
+            self.proposals = SourceProposals(self.paths, self.root, self.list_file, mode=proposals,
+                                             params=proposal_params)
 
     @property
     def location(self) -> Path:
         return self.list_file
 
     def _sample(self, index: int, image: Image.Image) -> Sample:
-        return {"image": image, "label": self.targets[index], "index": index}
+        sample: Sample = {"image": image, "label": self.targets[index], "index": index}
+        if self.proposals is not None:
+            sample["proposals"] = self.proposals.for_image(index, image.size)
+        return sample
 
 
 def _parse_list(list_file: Path) -> list[tuple[int, Path, int | None]]:
