@@ -207,10 +207,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_proposals(args: argparse.Namespace) -> int:
-    """Compute / refresh (or with ``--check`` only inspect: exit 1 when stale) the proposals cache of a COCO JSON
-    or an image folder, listing the images exactly as the sources do (so it is the cache a source reads)."""
+    """Compute / refresh (or with ``--check`` only inspect: exit 1 when stale) the proposals cache of a COCO JSON,
+    an image folder or a file list, listing the images exactly as the sources do (so it is the cache a source
+    reads)."""
     from semssl.data.proposals import check_proposals, ensure_proposals, parse_params
-    from semssl.data.sources import CocoSource, FileListSource, ImageFolderSource, build_source
+    from semssl.data.sources import (
+        CocoSource,
+        FileListSource,
+        ImageFolderSource,
+        build_source,
+    )
     from semssl.errors import DataError
 
     source = build_source(args.path)

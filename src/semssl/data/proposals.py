@@ -24,7 +24,8 @@ Boxes are continuous xyxy pixels (a rectangle of ``w`` pixel columns from ``x`` 
 convention of :mod:`semssl.data.views` — SoCo's inclusive ``x2 = x + w - 1`` is not used.
 
 **Cache**: one JSON file per dataset (:class:`ProposalCache`), by default next to the dataset —
-``<annotation json>.proposals.json`` for a COCO file, ``<folder>.proposals.json`` beside an image folder — or,
+``<annotation json>.proposals.json`` for a COCO file, ``<folder>.proposals.json`` beside an image folder,
+``<list file>.proposals.json`` for a file list (a file listed several times has one entry) — or,
 when that folder is not writable (no write bit, e.g. a shared read-only dataset), in the user cache
 ``$SEMSSL_CACHE_DIR/proposals`` (default ``~/.cache/semssl/proposals``) as
 ``<name>-<hash of the absolute path>.proposals.json``. It holds
@@ -32,7 +33,7 @@ when that folder is not writable (no write bit, e.g. a shared read-only dataset)
 * the key of the computation: :data:`ALGORITHM_VERSION`, the algorithm and filter parameters
   (:class:`ProposalParams`) and the OpenCV version (recorded; a different version is a logged warning, not a
   recomputation: the algorithm is the same);
-* per image, in source order: the file (relative to the images folder), its size in bytes and ``mtime_ns``,
+* per distinct image, in source order: the file (relative to the images folder), its size in bytes and ``mtime_ns``,
   the decoded ``[W, H]``, the number of raw boxes, the fallback level and the kept boxes.
 
 A cache is *stale* when its parameters or version differ (every image is recomputed), or for the images whose
@@ -324,7 +325,7 @@ def _writable_dir(folder: Path) -> bool:
 
 
 def default_cache_path(location: str | os.PathLike[str]) -> Path:
-    """Where the cache of the dataset at ``location`` (a COCO JSON or an image folder) lives: beside it when that
+    """Where the cache of the dataset at ``location`` (a COCO JSON, an image folder or a file list) lives: beside it when that
     folder is writable, else in the user cache (module docstring). An existing cache file wins."""
     location = Path(location).absolute()
     beside = location.with_name(location.name + CACHE_SUFFIX)
