@@ -325,8 +325,8 @@ def _writable_dir(folder: Path) -> bool:
 
 
 def default_cache_path(location: str | os.PathLike[str]) -> Path:
-    """Where the cache of the dataset at ``location`` (a COCO JSON, an image folder or a file list) lives: beside it when that
-    folder is writable, else in the user cache (module docstring). An existing cache file wins."""
+    """Where the cache of the dataset at ``location`` (a COCO JSON, an image folder or a file list) lives: beside
+    it when that folder is writable, else in the user cache (module docstring). An existing cache file wins."""
     location = Path(location).absolute()
     beside = location.with_name(location.name + CACHE_SUFFIX)
     digest = hashlib.sha1(str(location).encode()).hexdigest()[:12]
