@@ -150,3 +150,15 @@ def test_scd_learning_check_recipe_is_the_same_budget_recipe_run_twice_as_long()
     b = to_dict(load_config("scd_mocov2_resnet18-w16_1x128-1800it_cifar10-6k", ["trainer.max_steps=3600"]))
     a.pop("name"), b.pop("name")
     assert a == b and a["trainer"]["max_steps"] == 3600
+
+
+def test_scd_byol_learning_check_recipe_changes_only_memory_format_and_length() -> None:
+    """docs/results.md section 7.2f: SCD-BYOL's learning check is the 1,800-step same-budget recipe with the
+    channels-last memory format, 4,000 steps and lighter monitoring, and nothing else (same data, optimiser,
+    method)."""
+    a = to_dict(load_config("scd_byol_resnet18-w16_1x128-4000it_cifar10-6k"))
+    b = to_dict(load_config("scd_byol_resnet18-w16_1x128-1800it_cifar10-6k",
+                            ["model.channels_last=true", "trainer.max_steps=4000", "trainer.max_epochs=110",
+                             "trainer.knn_every_n_epochs=10", "trainer.figures=[]"]))
+    a.pop("name"), b.pop("name")
+    assert a == b and a["model"]["channels_last"] is True and a["trainer"]["max_steps"] == 4000
