@@ -143,22 +143,21 @@ def test_same_budget_pairs_differ_only_in_the_method(base: str, method: str) -> 
     assert a["model"]["width"] == 16 and a["model"]["small_input"] is True
 
 
-def test_scd_learning_check_recipe_is_the_same_budget_recipe_run_twice_as_long() -> None:
-    """docs/results.md section 7.2d ran the 1,800-step recipe with trainer.max_steps=3600: the recipe file that
-    names that run must be exactly it."""
-    a = to_dict(load_config("scd_mocov2_resnet18-w16_1x128-3600it_cifar10-6k"))
-    b = to_dict(load_config("scd_mocov2_resnet18-w16_1x128-1800it_cifar10-6k", ["trainer.max_steps=3600"]))
+@pytest.mark.parametrize(("recipe", "base", "overrides", "steps", "channels_last"), [
+    # section 7.2d: the 1,800-step recipe run with trainer.max_steps=3600
+    ("scd_mocov2_resnet18-w16_1x128-3600it_cifar10-6k", "scd_mocov2_resnet18-w16_1x128-1800it_cifar10-6k",
+     ["trainer.max_steps=3600"], 3600, False),
+    # section 7.2f: channels-last, 4,000 steps and lighter monitoring; same data, optimiser and method
+    ("scd_byol_resnet18-w16_1x128-4000it_cifar10-6k", "scd_byol_resnet18-w16_1x128-1800it_cifar10-6k",
+     ["model.channels_last=true", "trainer.max_steps=4000", "trainer.max_epochs=110",
+      "trainer.knn_every_n_epochs=10", "trainer.figures=[]"], 4000, True),
+])
+def test_scd_learning_check_recipes_are_the_same_budget_recipe_with_only_their_overrides(
+        recipe: str, base: str, overrides: list[str], steps: int, channels_last: bool) -> None:
+    """docs/results.md sections 7.2d / 7.2f: the recipe file that names a learning-check run must be exactly the
+    same-budget recipe with the overrides that run used."""
+    a = to_dict(load_config(recipe))
+    b = to_dict(load_config(base, overrides))
     a.pop("name"), b.pop("name")
-    assert a == b and a["trainer"]["max_steps"] == 3600
-
-
-def test_scd_byol_learning_check_recipe_changes_only_memory_format_and_length() -> None:
-    """docs/results.md section 7.2f: SCD-BYOL's learning check is the 1,800-step same-budget recipe with the
-    channels-last memory format, 4,000 steps and lighter monitoring, and nothing else (same data, optimiser,
-    method)."""
-    a = to_dict(load_config("scd_byol_resnet18-w16_1x128-4000it_cifar10-6k"))
-    b = to_dict(load_config("scd_byol_resnet18-w16_1x128-1800it_cifar10-6k",
-                            ["model.channels_last=true", "trainer.max_steps=4000", "trainer.max_epochs=110",
-                             "trainer.knn_every_n_epochs=10", "trainer.figures=[]"]))
-    a.pop("name"), b.pop("name")
-    assert a == b and a["model"]["channels_last"] is True and a["trainer"]["max_steps"] == 4000
+    assert a == b
+    assert a["trainer"]["max_steps"] == steps and a["model"]["channels_last"] is channels_last
