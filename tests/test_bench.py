@@ -369,3 +369,25 @@ def test_env_fingerprint_is_deterministic_and_names_every_piece():
     assert all(len(v) == 16 for v in a.values())
     assert fp.digest(torch.zeros(2)) != fp.digest(torch.zeros(3))  # the shape is part of the digest
     assert set(fp.versions()) >= {"python", "torch", "numpy"}
+
+
+def test_supervised_ceiling_trains_both_tasks_and_writes_an_evaluable_backbone(tiny_synth, tmp_path, capsys):
+    ceiling = load_script("supervised_ceiling")
+    boxes = torch.tensor([[2.0, 3.0, 10.0, 7.0]])
+    assert torch.equal(ceiling.flip_boxes(boxes, 32), torch.tensor([[22.0, 3.0, 30.0, 7.0]]))
+    assert torch.equal(ceiling.flip_boxes(ceiling.flip_boxes(boxes, 32), 32), boxes)
+    x = torch.arange(6.0).view(2, 1, 3)
+    assert torch.equal(ceiling.flip_batch(x, torch.tensor([True, False])), torch.tensor([[[2.0, 1, 0]], [[3.0, 4, 5]]]))
+
+    from semssl.checkpoints import load_model
+    from semssl.models.backbones import BackboneModel
+
+    scenes = str(tiny_synth / "scenes" / "train" / "annotations.json")
+    for task in ("dense", "objects"):
+        out = tmp_path / f"{task}.pth"
+        assert ceiling.main([task, "--train", scenes, "--out", str(out), "--width", "8", "--size", "64",
+                             "--steps", "3", "--batch-size", "4", "--ignore-index", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert "trained 3 steps" in printed and f"wrote {out}" in printed
+        model, info, cfg = load_model(out)
+        assert isinstance(model, BackboneModel) and cfg is None and info["width"] == 8
