@@ -151,10 +151,15 @@ def test_same_budget_pairs_differ_only_in_the_method(base: str, method: str) -> 
     ("scd_byol_resnet18-w16_1x128-4000it_cifar10-6k", "scd_byol_resnet18-w16_1x128-1800it_cifar10-6k",
      ["model.channels_last=true", "trainer.max_steps=4000", "trainer.max_epochs=110",
       "trainer.knn_every_n_epochs=10", "trainer.figures=[]"], 4000, True),
+    # section 7.3b: SCFS's learning check, the run scfs_w16_cm0_t02_l2_m99_3800_s0
+    ("scfs_resnet18-w16_1x64-3800it_cifar10-6k", "scfs_resnet18-w16_1x64-1000it_cifar10-6k",
+     ["method.center_momentum=0", "method.warmup_teacher_temp=0.02", "method.teacher_temp=0.02",
+      "model.channels_last=true", "data.views.1.n_crops=2", "method.momentum_end=0.99", "trainer.max_steps=3800",
+      "trainer.max_epochs=100", "trainer.knn_every_n_epochs=10", "trainer.figures=[]"], 3800, True),
 ])
-def test_scd_learning_check_recipes_are_the_same_budget_recipe_with_only_their_overrides(
+def test_learning_check_recipes_are_the_same_budget_recipe_with_only_their_overrides(
         recipe: str, base: str, overrides: list[str], steps: int, channels_last: bool) -> None:
-    """docs/results.md sections 7.2d / 7.2f: the recipe file that names a learning-check run must be exactly the
+    """docs/results.md sections 7.2d / 7.2f / 7.3b: the recipe file that names a learning-check run must be exactly the
     same-budget recipe with the overrides that run used."""
     a = to_dict(load_config(recipe))
     b = to_dict(load_config(base, overrides))
