@@ -1,10 +1,14 @@
-"""A real kill: a `semssl pretrain` process killed with SIGKILL after a checkpoint, then resumed with `--resume`,
-ends exactly where the uninterrupted run ends (same final step, same weights, optimiser state and RNG), for a
-step-based run killed mid-epoch and for an epoch-based run killed between two epoch-end checkpoints.
+"""A real kill: a `semssl pretrain` process killed with SIGKILL right after a checkpoint, then resumed with
+`--resume`, ends exactly where the uninterrupted run ends (same final step, same weights, optimiser state and RNG),
+at every point of an epoch: the first batch, the middle, the last batch before the epoch ends, between epochs,
+for `max_steps` and `max_epochs` runs, with `trainer.checkpoint_every_n_steps` on and off.
 
-The child process is the real command line with one test-only slow-down (a script wrapping ``semssl.cli.main``
-that sleeps after every step past the kill point), so the parent reliably kills it after the checkpoint and
-before the run ends; nothing in the product changes for the test.
+The child process is the real command line with one test hook (a script wrapping ``semssl.cli.main`` that sends
+itself SIGKILL right after the checkpoint of a chosen hook and step), so the kill lands at exactly that point
+with no timing involved; nothing in the product changes for the test.
+
+Also: a run that ends at another step than its config asks for exits 1 naming both; a run folder in use by a
+live process is refused; a stale lock is taken over; Ctrl-C, a full disk and read-only folders are one line.
 """
 
 from __future__ import annotations
@@ -25,67 +29,205 @@ from semssl.checkpoints import safe_load
 from semssl.cli import main
 
 CHILD = """
-import sys, time
-from semssl.engine.module import SSLModule
-real = SSLModule.training_step
-def slow(self, batch, batch_idx):
-    out = real(self, batch, batch_idx)
-    if self.global_step >= {after}:
-        time.sleep(0.5)  # leave the parent time to kill us after the checkpoint of step {after}
-    return out
-SSLModule.training_step = slow
+import os, signal, sys
+from semssl.engine.run import LastCheckpoint
+HOOK, STEP = {hook!r}, {step}
+
+def kill_after(name):
+    real = getattr(LastCheckpoint, name)
+    def hook(self, trainer, *args):
+        real(self, trainer, *args)
+        if name == HOOK and trainer.global_step == STEP and self._saved_step == STEP:
+            os.kill(os.getpid(), signal.SIGKILL)  # right after the checkpoint: nothing else is written
+    setattr(LastCheckpoint, name, hook)
+
+kill_after("on_train_batch_end")
+kill_after("on_train_epoch_end")
 from semssl.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+BATCH_END, EPOCH_END = "on_train_batch_end", "on_train_epoch_end"
 
-def _kill_after_checkpoint(args: list[str], run_dir: Path, step: int, tmp_path: Path) -> None:
+
+def _kill_after_checkpoint(args: list[str], hook: str, step: int, tmp_path: Path) -> None:
+    """Run the real command line in a child that SIGKILLs itself right after the checkpoint that ``hook`` writes
+    at ``step`` (a test hook, not a timing: the kill lands at exactly that point, every time)."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(after=step))
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if ckpt.exists():
-                try:
-                    if safe_load(ckpt)["global_step"] >= step:
-                        break
-                except Exception:  # noqa: BLE001 - being replaced right now: read it again
-                    pass
-            if proc.poll() is not None:
-                pytest.fail(f"the child run ended (code {proc.returncode}) before it could be killed")
-            time.sleep(0.2)
-        else:
-            pytest.fail("no checkpoint of the kill step appeared in time")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    script.write_text(CHILD.format(hook=hook, step=step))
+    proc = subprocess.run([sys.executable, str(script), *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"the child was not killed at step {step}: {proc.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("length, kill_at, end", [
-    (["trainer.max_steps=16", "trainer.checkpoint_every_n_steps=4"], 8, 16),  # 8 = epoch 1, batch 2
-    (["trainer.max_epochs=3"], 6, 18),  # killed in epoch 1, after epoch 0's checkpoint
-], ids=["max_steps-mid-epoch", "max_epochs"])
-def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_synth: Path, tmp_path: Path, length: list[str],
-                                                          kill_at: int, end: int) -> None:
-    common = tiny_overrides(tiny_synth, tmp_path / "runs") + [
+# 96 images at batch 16: 6 steps per epoch. max_steps=10 ends mid-epoch 1 (epochs: ceil(10 / 6) = 2);
+# max_epochs=2 ends at step 12. Checkpoints every epoch, and with "steps on" every step too.
+LENGTHS = {"max_steps": (["trainer.max_steps=10", "trainer.max_epochs=100"], 10),
+           "max_epochs": (["trainer.max_epochs=2"], 12)}
+STEPS_ON = ["trainer.checkpoint_every_n_steps=1"]
+KILL_POINTS = [  # (length, checkpoint every step?, hook that wrote the checkpoint, step)
+    ("max_steps", False, EPOCH_END, 6),   # between epochs, the only checkpoint: the bug of issue 34 (ended 1 short)
+    ("max_steps", True, BATCH_END, 1),    # the first batch
+    ("max_steps", True, BATCH_END, 3),    # the middle of an epoch
+    ("max_steps", True, BATCH_END, 6),    # the last batch, before the epoch-end hooks ran
+    ("max_steps", True, EPOCH_END, 6),    # between epochs
+    ("max_steps", True, BATCH_END, 7),    # the first batch of the second epoch
+    ("max_epochs", False, EPOCH_END, 6),  # between epochs
+    ("max_epochs", True, BATCH_END, 1),
+    ("max_epochs", True, BATCH_END, 3),
+    ("max_epochs", True, BATCH_END, 6),
+    ("max_epochs", True, EPOCH_END, 6),
+]
+
+
+def _common(tiny_synth: Path, out: Path, length: str) -> list[str]:
+    return tiny_overrides(tiny_synth, out) + [
         "eval.enabled=false", "optim.schedule=cosine", "optim.warmup=0.25", "method.momentum_end=1.0",
-        "trainer.max_epochs=100", "trainer.num_threads=1", *length]  # one thread in the child too: same sums
-    assert main(["pretrain", *common, "trainer.run_name=full"]) == 0
+        "trainer.num_threads=1", *LENGTHS[length][0]]  # one thread in the child too: the same sums
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The uninterrupted run of each length (checkpointing every step or not does not change the weights)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = {}
+    for length in LENGTHS:
+        assert main(["pretrain", *_common(tiny_synth, out, length), f"trainer.run_name={length}"]) == 0
+        result[length] = torch.load(out / length / "checkpoints" / "last.ckpt", weights_only=True)
+    return result
+
+
+@pytest.mark.parametrize("length, every_step, hook, step", KILL_POINTS,
+                         ids=[f"{n}-{'steps_on' if e else 'steps_off'}-{h.split('_')[2]}_end@{s}"
+                              for n, e, h, s in KILL_POINTS])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_synth: Path, tmp_path: Path, uninterrupted: dict,
+                                                          length: str, every_step: bool, hook: str,
+                                                          step: int) -> None:
+    """Killed right after the checkpoint at each point of an epoch, then resumed: the same final step, weights,
+    optimiser state and RNG as the uninterrupted run."""
+    common = _common(tiny_synth, tmp_path / "runs", length) + (STEPS_ON if every_step else [])
     killed = tmp_path / "runs" / "killed"
-    _kill_after_checkpoint(["pretrain", *common, "trainer.run_name=killed"], killed, kill_at, tmp_path)
-    at_kill = safe_load(killed / "checkpoints" / "last.ckpt")["global_step"]
-    assert kill_at <= at_kill < end
+    _kill_after_checkpoint(["pretrain", *common, "trainer.run_name=killed"], hook, step, tmp_path)
+    assert safe_load(killed / "checkpoints" / "last.ckpt")["global_step"] == step
+    assert (killed / "run.lock").exists()  # the killed process's lock: stale, taken over by the resume
     assert main(["pretrain", "--resume", str(killed)]) == 0
-    full = torch.load(tmp_path / "runs" / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    resumed = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert full["global_step"] == resumed["global_step"] == end
+    assert not (killed / "run.lock").exists()
+    full, resumed = uninterrupted[length], torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == full["global_step"] == LENGTHS[length][1]
     _assert_same_training_state(full, resumed)
+
+
+def test_a_run_that_ends_at_the_wrong_step_says_so_and_exits_1(tiny_synth: Path, tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    """The end-step guard: a resume bug that loses steps (here: one forced by dropping the position rewrite and
+    starting the resumed epoch with its batch counter full) is an error naming both steps, not a result."""
+    from semssl.engine import run
+
+    common = tiny_overrides(tiny_synth, tmp_path / "runs") + [
+        "eval.enabled=false", "trainer.num_threads=1", "trainer.max_steps=10", "trainer.max_epochs=100"]
+    cut = tmp_path / "runs" / "cut"
+    assert main(["pretrain", *common, "trainer.max_steps=6", "trainer.run_name=cut"]) == 0
+
+    def broken(self, trainer, pl_module, checkpoint):  # the behaviour before the fix: counters as Lightning left them
+        fit = checkpoint["loops"]["fit_loop"]
+        fit["epoch_progress"]["current"]["completed"] = fit["epoch_progress"]["total"]["completed"] = 0
+        fit["epoch_loop.batch_progress"]["is_last_batch"] = True
+
+    monkeypatch.setattr(run.LastCheckpoint, "on_load_checkpoint", broken)
+    assert main(["pretrain", "--resume", str(cut), "trainer.max_steps=10"]) == 1
+    err = capsys.readouterr().err
+    assert "IncompleteRunError" in err and "ended at step 7" in err and "asks for step 10" in err, err
+    import json
+
+    assert json.loads((cut / "metrics.json").read_text())["run"]["global_step"] == 6  # the first run's, not rewritten
+    assert safe_load(cut / "checkpoints" / "last.ckpt")["global_step"] == 7  # kept, not lost
+
+
+def _paused_child_script(tmp_path: Path, go: Path) -> Path:
+    """A child run that waits at its second step until the file ``go`` exists (it holds the folder meanwhile)."""
+    script = tmp_path / "paused.py"
+    script.write_text(f"""
+import os, sys, time
+from semssl.engine.module import SSLModule
+real = SSLModule.training_step
+def paused(self, batch, batch_idx):
+    if self.global_step == 2:
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.05)
+    return real(self, batch, batch_idx)
+SSLModule.training_step = paused
+from semssl.cli import main
+sys.exit(main(sys.argv[1:]))
+""")
+    return script
+
+
+def test_a_second_process_on_a_run_folder_in_use_is_refused(tiny_synth: Path, tmp_path: Path, capsys) -> None:
+    """Two real processes: while a run trains (paused at step 2, after its step-1 checkpoint), ``--resume`` of
+    its folder from another process exits 1 naming the holder's pid and host, and writes nothing there."""
+    import socket
+
+    go = tmp_path / "go"
+    args = tiny_overrides(tiny_synth, tmp_path / "runs") + [
+        "eval.enabled=false", "trainer.num_threads=1", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=1",
+        "trainer.run_name=busy"]
+    run = tmp_path / "runs" / "busy"
+    proc = subprocess.Popen([sys.executable, str(_paused_child_script(tmp_path, go)), "pretrain", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        ckpt = run / "checkpoints" / "last.ckpt"
+        while not (ckpt.exists() and safe_load(ckpt)["global_step"] == 2):  # then the child waits for `go`
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the child wrote no step-2 checkpoint in time"
+            time.sleep(0.1)
+
+        def files() -> dict[Path, int]:  # the child's TensorBoard writer may flush on its own: not compared
+            return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "tfevents" not in p.name}
+
+        before = files()
+        assert main(["pretrain", "--resume", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert "RunLockedError" in err and f"process {proc.pid} on host {socket.gethostname()}" in err, err
+        assert str(run / "run.lock") in err
+        assert files() == before  # the refused process wrote nothing (config.yaml included) and made no file
+    finally:
+        go.touch()
+        out = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, out
+    assert safe_load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not (run / "run.lock").exists()
+
+
+@pytest.mark.parametrize("holder", ["dead", "other_host", "unreadable"])
+def test_run_lock_holders(tmp_path: Path, holder: str, caplog) -> None:
+    """A lock of a process that no longer runs here is taken over with a message; a lock of another host (which
+    cannot be checked) or an unreadable one is refused, naming the file to remove."""
+    import json
+    import logging
+    import socket
+
+    from semssl.engine.resume import RunLock
+    from semssl.errors import RunLockedError
+
+    lock = RunLock(tmp_path)
+    if holder == "dead":
+        done = subprocess.run([sys.executable, "-c", "pass"])
+        assert done.returncode == 0
+        lock.path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # above pid_max
+        with caplog.at_level(logging.WARNING, logger="semssl"):
+            lock.acquire()
+        assert "taking over the stale lock of process 4206649" in caplog.text
+        assert json.loads(lock.path.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+        lock.release()
+        assert not lock.path.exists()
+        return
+    lock.path.write_text(json.dumps({"pid": 1, "host": "elsewhere-node-7"}) if holder == "other_host" else "{")
+    with pytest.raises(RunLockedError, match="in use by") as err:
+        lock.acquire()
+    assert str(lock.path) in str(err.value)
+    assert ("process 1 on host elsewhere-node-7" if holder == "other_host" else "unreadable") in str(err.value)
+    assert lock.path.exists()  # left as it was
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is(tiny_synth: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -74,8 +74,16 @@ class NonFiniteLossError(SemsslError, FloatingPointError):
     """The loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
 
 
+class IncompleteRunError(SemsslError, RuntimeError):
+    """A run ended at another step than the one its config asks for (names both); nothing is evaluated."""
+
+
+class RunLockedError(SemsslError, RuntimeError):
+    """A run folder is in use by another process (names the pid, the host and the lock file)."""
+
+
 __all__ = [
     "SemsslError", "ConfigError", "DataError", "ImageDecodeError", "SyntheticDataError", "SynthConfigError",
     "RecipeError", "ViewError", "SampleError", "OptimError", "ScheduleError", "CheckpointError", "EvalInputError",
-    "BenchError", "NonFiniteLossError",
+    "BenchError", "NonFiniteLossError", "IncompleteRunError", "RunLockedError",
 ]

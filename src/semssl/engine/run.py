@@ -9,6 +9,7 @@ Run folder::
       logs/csv/metrics.csv   the same scalars as CSV
       metrics.json           {"trained": {...}, "random_init": {...}, "random_init_bn": {...}, "pixels": {...},
                               "run": {...}}, accuracies in percent
+      run.lock               pid and host of the process training here, while it runs (engine/resume.py)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from semssl.config import (
     load_yaml,
 )
 from semssl.distributed import broadcast_buffers
+from semssl.errors import RunLockedError
 from semssl.engine.data import (
     build_train_dataset,
     resolve_paths,
@@ -46,6 +48,14 @@ from semssl.engine.data import (
 from semssl.engine.io import AtomicCheckpointIO
 from semssl.engine.module import SSLModule
 from semssl.engine.monitor import FigureCallback, KNNMonitor
+from semssl.engine.resume import (
+    POSITION_KEY,
+    Position,
+    RunLock,
+    canonical_fit_loop,
+    check_final_step,
+    position_of,
+)
 from semssl.eval.evaluate import (
     BASELINE_LABELS,
     BASELINES,
@@ -90,17 +100,36 @@ class RunFolder(pl.Callback):
     they can disagree; broadcasting rank 0's choice makes the return value, ``metrics.json`` and the
     checkpoints agree, and no other rank creates a stray folder. (Lightning's loggers write on rank 0 only,
     and :class:`LastCheckpoint` broadcasts its folder from rank 0 too.)
+
+    Decision: global rank 0 takes the folder's :class:`semssl.engine.resume.RunLock` before it writes anything
+    there (``config.yaml`` included) and :func:`pretrain` releases it when the run ends, evaluation included;
+    a refusal is broadcast so that every rank stops with the same message instead of waiting for rank 0.
     """
 
     def __init__(self, cfg: Config, path: Path) -> None:
         self.cfg, self.path = cfg, Path(path)
+        self.lock: Optional[RunLock] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.path = Path(trainer.strategy.broadcast(str(self.path), src=0))
         os.environ[RUN_DIR_ENV] = str(self.path)
+        refused = None
         if trainer.is_global_zero:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.path)
+            try:
+                self.lock.acquire()
+            except RunLockedError as err:
+                self.lock, refused = None, str(err)
+        refused = trainer.strategy.broadcast(refused, src=0)
+        if refused:
+            raise RunLockedError(refused)
+        if trainer.is_global_zero:
             dump_config(self.cfg, self.path / "config.yaml")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class LastCheckpoint(Checkpoint):
@@ -117,11 +146,18 @@ class LastCheckpoint(Checkpoint):
     as processed; a checkpoint written there claims the epoch is done, and a resumed run skipped the rest of
     it (killed after 16 of 40 steps, the resumed run ended at step 33). Written at the batch end, it records
     the batches done, and :class:`SSLDataModule` resumes the epoch's data order right after them.
+
+    Decision: every checkpoint also records its :class:`semssl.engine.resume.Position` (epochs completed, batches
+    of the next epoch done), and on resume the fit loop's counters are rewritten from it into a state whose
+    restore is exact (:func:`semssl.engine.resume.canonical_fit_loop`): an epoch-end checkpoint of a ``max_steps``
+    run otherwise restored its epoch's batch counter as full, and the next epoch yielded one batch.
     """
 
-    def __init__(self, dirpath: Path, every_n_epochs: int, every_n_steps: int = 0) -> None:
+    def __init__(self, dirpath: Path, every_n_epochs: int, every_n_steps: int = 0, steps_per_epoch: int = 0) -> None:
         self.dirpath, self.every_n_epochs, self.every_n_steps = Path(dirpath), every_n_epochs, every_n_steps
+        self.steps_per_epoch = steps_per_epoch  # of this run (the loader's full batches); 0 = not known
         self._saved_step = -1
+        self._position: Optional[Position] = None
 
     @property
     def path(self) -> Path:
@@ -136,7 +172,7 @@ class LastCheckpoint(Checkpoint):
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
         if periodic or final:
-            self._save(trainer)
+            self._save(trainer, Position.of_trainer(trainer, at_epoch_end=False))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
@@ -146,11 +182,26 @@ class LastCheckpoint(Checkpoint):
         periodic = self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch
         if periodic or last:
-            self._save(trainer)
+            self._save(trainer, Position.of_trainer(trainer, at_epoch_end=True))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._saved_step != trainer.global_step:
-            self._save(trainer)
+            spe = self.steps_per_epoch
+            self._save(trainer, Position(*divmod(trainer.global_step, spe), spe) if spe > 0 else None)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._position is not None:
+            checkpoint[POSITION_KEY] = {"epochs": self._position.epochs, "batches": self._position.batches,
+                                        "steps_per_epoch": self._position.steps_per_epoch}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Rewrite the fit loop's progress from the checkpoint's position (called before the loops restore)."""
+        loops = checkpoint.get("loops") or {}
+        if "fit_loop" in loops and self.steps_per_epoch > 0:
+            position = position_of(checkpoint, self.steps_per_epoch)
+            loops["fit_loop"] = canonical_fit_loop(loops["fit_loop"], position)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Ctrl-C: say where the last checkpoint is and how to resume (Lightning then exits with code 1).
@@ -167,10 +218,11 @@ class LastCheckpoint(Checkpoint):
             where = f"no checkpoint was written yet ({run_dir}); start the run again"
         print(f"semssl: interrupted at step {trainer.global_step}; {where}", file=sys.stderr)
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, position: Optional[Position]) -> None:
         # every rank calls it (a barrier); rank 0 writes. Lightning's save-side ``weights_only`` option is set
         # off so the file holds the full state (optimiser, loops, RNG) that resume needs; reading is always
         # weights-only (AtomicCheckpointIO).
+        self._position = position
         trainer.save_checkpoint(self.path, **{"weights_only": False})
         self._saved_step = trainer.global_step
 
@@ -221,12 +273,13 @@ def csv_version(run_dir: Path) -> str:
     return f"csv-resume{n}"
 
 
-def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list) -> pl.Trainer:
+def build_trainer(cfg: Config, run_dir: Path, max_epochs: int, callbacks: list, steps_per_epoch: int = 0
+                  ) -> pl.Trainer:
     t = cfg.trainer
     loggers = [TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
                CSVLogger(str(run_dir), name="logs", version=csv_version(run_dir))]
     ckpt = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=t.checkpoint_every_n_epochs,
-                          every_n_steps=t.checkpoint_every_n_steps)
+                          every_n_steps=t.checkpoint_every_n_steps, steps_per_epoch=steps_per_epoch)
     if t.progress_bar:
         callbacks = [*callbacks, ProgressBar(leave=True)]
     strategy = t.strategy
@@ -293,7 +346,7 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         callbacks.append(monitor)
     if cfg.trainer.figures:
         callbacks.append(FigureCallback(cfg, paths, run_dir))
-    trainer = build_trainer(cfg, run_dir, max_epochs, callbacks)
+    trainer = build_trainer(cfg, run_dir, max_epochs, callbacks, steps_per_epoch=spe)
     ckpt_path = None
     if resume:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -301,34 +354,38 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
     log.info("run folder: %s (%d images, %s/epoch, %s)", run_dir, len(dataset), _count(spe, "step"),
              _count(max_epochs, "epoch"))
-    trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None,
-                weights_only=True)
-    run_dir = folder.path
-    train_seconds = time.time() - start
+    try:
+        trainer.fit(module, datamodule=SSLDataModule(cfg, dataset), ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
+        run_dir = folder.path
+        train_seconds = time.time() - start
+        check_final_step(run_dir, int(trainer.global_step), cfg.trainer.max_steps, max_epochs, spe, bool(resume))
 
-    metrics: dict[str, Any] = {}
-    if cfg.eval.enabled and paths["eval_train"] and paths["eval_test"]:
-        device = module.device
-        # under DDP each rank's BatchNorm statistics hold its own last batch: evaluate rank 0's, the checkpoint's
-        broadcast_buffers(module.method)
-        metrics["trained"] = evaluate(module.method, cfg, paths["eval_train"], paths["eval_test"], device=device)
-        if random_model is not None:
-            baselines = baseline_models(random_model, cfg, paths["eval_train"], device=device)
-            for name, model in baselines.items():
-                metrics[name] = evaluate(model, cfg, paths["eval_train"], paths["eval_test"], device=device)
-    metrics["run"] = {
-        "method": cfg.method.name, "arch": cfg.model.arch, "width": cfg.model.width,
-        "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.time() - start, 1), "world_size": int(trainer.world_size),
-        "eval_train": paths["eval_train"], "eval_test": paths["eval_test"],
-        "knn_monitor": monitor.history if monitor else [],
-        "peak_rss_mb": peak_rss_mb(),
-    }
-    if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
-        print_summary(run_dir, metrics, console)
-    return run_dir
+        metrics: dict[str, Any] = {}
+        if cfg.eval.enabled and paths["eval_train"] and paths["eval_test"]:
+            device = module.device
+            # under DDP each rank's BatchNorm statistics hold its own last batch: evaluate rank 0's, the checkpoint's
+            broadcast_buffers(module.method)
+            metrics["trained"] = evaluate(module.method, cfg, paths["eval_train"], paths["eval_test"], device=device)
+            if random_model is not None:
+                baselines = baseline_models(random_model, cfg, paths["eval_train"], device=device)
+                for name, model in baselines.items():
+                    metrics[name] = evaluate(model, cfg, paths["eval_train"], paths["eval_test"], device=device)
+        metrics["run"] = {
+            "method": cfg.method.name, "arch": cfg.model.arch, "width": cfg.model.width,
+            "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.time() - start, 1), "world_size": int(trainer.world_size),
+            "eval_train": paths["eval_train"], "eval_test": paths["eval_test"],
+            "knn_monitor": monitor.history if monitor else [],
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", metrics)
+            print_summary(run_dir, metrics, console)
+        return run_dir
+    finally:
+        folder.release()
 
 
 def _count(n: int, noun: str) -> str:
