@@ -1,4 +1,5 @@
-"""The ``semssl`` command line: ``pretrain | eval | data | methods | recipes``.
+"""The ``semssl`` command line: ``pretrain | eval | viz | data | methods | recipes | finetune | transfer | export``
+(the transfer commands' options live in :mod:`semssl.cli_transfer`).
 
 Every sub-command prints a short human-readable result and, where it measures something, writes JSON.
 """
@@ -395,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     pm.set_defaults(func=cmd_methods)
     pr = sub.add_parser("recipes", help="list the packaged recipes, one per line")
     pr.set_defaults(func=cmd_recipes)
+
+    from semssl.cli_transfer import add_commands
+
+    add_commands(sub, _positive)  # finetune, transfer segment|detect, export
     return parser
 
 
