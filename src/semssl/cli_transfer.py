@@ -96,6 +96,178 @@ def _add_finetune(sub: Any, positive: Any) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
+# ------------------------------------------------------------------------------------------------ transfer segment
+EPILOG_SEGMENT = """\
+examples:
+  D=DATA/stanford-background
+  semssl transfer segment --checkpoint runs/RUN --recipe stanford-background_small --compare random-init \\
+        --train $D/images:$D/labels:$D/splits/train.txt --test $D/images:$D/labels:$D/splits/val.txt --out seg-sb
+  semssl transfer segment --checkpoint runs/RUN --recipe msrc-v2_small \\
+        --train DATA/msrc-v2/images:DATA/msrc-v2/semantic:DATA/msrc-v2/train.txt \\
+        --test DATA/msrc-v2/images:DATA/msrc-v2/semantic:DATA/msrc-v2/test.txt --out seg-msrc
+  semssl transfer segment --checkpoint resnet50.pth --recipe voc-aug_fcn --device cuda \\
+        --train VOC/JPEGImages:VOC/SegmentationClassAug:VOC/train_aug.txt \\
+        --test VOC/JPEGImages:VOC/SegmentationClass:VOC/val.txt --out seg-voc    # DenseCL / DSC, GPU scale
+  semssl transfer segment --random-init --arch resnet18 --train synthetic:scenes --test synthetic:scenes \\
+        --iterations 20
+"""
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from semssl.transfer import segment
+
+    segment(source_of(args), args.train, args.test, recipe=args.recipe, num_classes=args.num_classes,
+            ignore_index=args.ignore_index, head=args.head, output_stride=args.output_stride,
+            crop_size=args.crop_size, test_size=args.test_size, iterations=args.iterations,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+            aux_weight=args.aux_weight, norm=args.norm, **_run_kwargs(args))
+    return 0
+
+
+def _add_segment(sub: Any, positive: Any) -> None:
+    from semssl.transfer.segment import HEADS, NORMS, OUTPUT_STRIDES, SCHEDULES
+
+    p = sub.add_parser("segment", help="fine-tune an FCN / DeepLab-v3 on the backbone; mIoU, pixel accuracy",
+                       description=__import__("semssl.transfer.segment", fromlist=["_"]).__doc__,
+                       epilog=EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_options(p)
+    p.add_argument("--train", required=True,
+                   help="IMAGES_DIR:MASKS_DIR[:LIST_FILE] (pairs matched by stem), a COCO JSON with segmentations, "
+                        "or synthetic:scenes")
+    p.add_argument("--test", required=True, help="the test split, in the same forms as --train")
+    p.add_argument("--recipe", help="named settings (semssl.transfer.segment.RECIPES): voc-aug_fcn, cityscapes_fcn, "
+                                    "stanford-background_small, msrc-v2_small")
+    p.add_argument("--num-classes", type=positive(int), help="classes (default: the largest training mask value + 1)")
+    p.add_argument("--ignore-index", type=positive(int, 0), help="mask value left out of loss and scores (255)")
+    p.add_argument("--head", choices=HEADS, help="fcn (FCNHead) or deeplabv3 (ASPP)")
+    p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES, help="dilate layer3/layer4 to this stride")
+    p.add_argument("--crop-size", type=positive(int, 8), help="training crop in pixels")
+    p.add_argument("--test-size", type=positive(int, 0), help="shorter side of test images (0: as they are)")
+    p.add_argument("--iterations", type=positive(int), help="training iterations")
+    p.add_argument("--batch-size", type=positive(int), help="images per iteration")
+    p.add_argument("--lr", type=positive(float, 0.0), help="SGD learning rate")
+    p.add_argument("--weight-decay", type=positive(float, 0.0), help="SGD weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, help="poly (MMSeg) or cosine")
+    p.add_argument("--aux-weight", type=positive(float, 0.0), help="weight of the layer3 auxiliary head (0: none)")
+    p.add_argument("--norm", choices=NORMS, help="bn, syncbn (several GPUs) or frozen backbone BatchNorm")
+    add_run_options(p)
+    p.set_defaults(func=cmd_segment)
+
+
+# ------------------------------------------------------------------------------------------------ transfer detect
+EPILOG_DETECT = """\
+examples:
+  semssl transfer detect --checkpoint runs/RUN --recipe msrc-v2_small --compare random-init \\
+        --train DATA/msrc-v2/instances_train.json --test DATA/msrc-v2/instances_test.json --out det-msrc
+  semssl transfer detect --checkpoint runs/RUN --recipe coco128_small \\
+        --train DATA/coco128/coco_json_train2017/instances_train2017.json \\
+        --test DATA/coco128/coco_json_val2017/instances_val2017_boxes.json \\
+        --test-images DATA/coco128/images/val2017 --out det-coco128
+  semssl transfer detect --checkpoint r50.pth --recipe voc0712_c4 --device cuda \\
+        --train voc0712_trainval.json --test voc07_test.json --out det-voc     # the papers' VOC, GPU scale
+  semssl transfer detect --random-init --arch resnet18 --train synthetic:scenes --test synthetic:scenes \\
+        --layout c4 --task mask --iterations 20
+"""
+
+
+def _numbers(kind: type) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got '{text}'")
+    return parse
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from semssl.transfer import detect
+
+    min_size = args.min_size[0] if args.min_size and len(args.min_size) == 1 else args.min_size
+    detect(source_of(args), args.train, args.test, recipe=args.recipe, layout=args.layout, task=args.task,
+           norm=args.norm, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+           weight_decay=args.weight_decay, warmup=args.warmup, milestones=args.milestones, min_size=min_size,
+           max_size=args.max_size, trainable_stages=args.trainable_stages, extra_norm=args.extra_norm,
+           train_images=args.train_images, test_images=args.test_images, roi_batch_size=args.roi_batch_size,
+           test_proposals=args.test_proposals, **_run_kwargs(args))
+    return 0
+
+
+def _add_detect(sub: Any, positive: Any) -> None:
+    from semssl.transfer.detect import LAYOUTS, NORMS, TASKS
+
+    p = sub.add_parser("detect", help="fine-tune Faster / Mask R-CNN (C4 or FPN) on the backbone; COCO box/mask AP",
+                       description=__import__("semssl.transfer.detect", fromlist=["_"]).__doc__,
+                       epilog=EPILOG_DETECT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_options(p)
+    p.add_argument("--train", required=True, help="COCO-format JSON of the training images, or synthetic:scenes")
+    p.add_argument("--test", required=True, help="COCO-format JSON of the test images, or synthetic:scenes")
+    p.add_argument("--train-images", help="the training images folder, where it is not found beside the JSON")
+    p.add_argument("--test-images", help="the test images folder, where it is not found beside the JSON")
+    p.add_argument("--recipe", help="named settings (semssl.transfer.detect.RECIPES): voc0712_c4, coco_1x_c4, "
+                                    "coco_1x_fpn, msrc-v2_small, coco128_small")
+    p.add_argument("--layout", choices=LAYOUTS, help="c4 (RoIAlign on C4, res5 box head) or fpn")
+    p.add_argument("--task", choices=TASKS, help="box (Faster R-CNN) or mask (Mask R-CNN)")
+    p.add_argument("--norm", choices=NORMS, help="frozen BatchNorm, syncbn (several GPUs) or bn")
+    p.add_argument("--iterations", type=positive(int), help="training iterations")
+    p.add_argument("--batch-size", type=positive(int), help="images per iteration")
+    p.add_argument("--lr", type=positive(float, 0.0), help="SGD learning rate")
+    p.add_argument("--weight-decay", type=positive(float, 0.0), help="SGD weight decay (none on norm parameters)")
+    p.add_argument("--warmup", type=positive(int, 0), help="linear warm-up iterations")
+    p.add_argument("--milestones", type=_numbers(float), help="lr x0.1 at these fractions of the run, e.g. 0.75,0.92")
+    p.add_argument("--min-size", type=_numbers(int), help="shorter side: one value, or a comma list drawn from")
+    p.add_argument("--max-size", type=positive(int), help="cap of the longer side")
+    p.add_argument("--trainable-stages", type=int, choices=range(0, 6),
+                   help="stages trained from the top: layer4, layer3, layer2, layer1, stem (5 = all)")
+    p.add_argument("--extra-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="C4: a BatchNorm after res5 (MoCo's Res5ROIHeadsExtraNorm)")
+    p.add_argument("--roi-batch-size", type=positive(int), help="RoIs sampled per image for the box head")
+    p.add_argument("--test-proposals", type=positive(int), help="RPN proposals kept per test image")
+    add_run_options(p)
+    p.set_defaults(func=cmd_detect)
+
+
+# ------------------------------------------------------------------------------------------------ export
+EPILOG_EXPORT = """\
+examples:
+  semssl export --checkpoint runs/RUN --out exported/              # all four formats + RUN's side JSON
+  semssl export --checkpoint runs/RUN --format torchvision,onnx --onnx-size 224 --out exported/
+  semssl export --checkpoint runs/scfs_run --branch online --format detectron2 --out exported/
+"""
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from semssl.transfer import export
+    from semssl.transfer.export import FORMATS
+
+    formats = [f for spec in (args.format or [",".join(FORMATS)]) for f in spec.split(",") if f.strip()]
+    export(source_of(args), args.out, formats=formats, onnx_size=args.onnx_size, name=args.name)
+    return 0
+
+
+def _add_export(sub: Any, positive: Any) -> None:
+    from semssl.transfer.export import FORMATS
+
+    p = sub.add_parser("export", help="write a checkpoint's backbone as torchvision / timm / detectron2 / ONNX",
+                       description=__import__("semssl.transfer.export", fromlist=["_"]).__doc__,
+                       epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_options(p)
+    p.add_argument("--format", action="append",
+                   help=f"one of {', '.join(FORMATS)}, repeated or comma-separated (default: all four)")
+    p.add_argument("--out", required=True, help="output folder of the files and the side JSON")
+    p.add_argument("--name", help="the files' stem (default: the run's name)")
+    p.add_argument("--onnx-size", type=positive(int, 8), default=224, help="ONNX input height and width")
+    p.add_argument("--seed", type=int, default=0, help="--random-init only: the seed of the random network")
+    p.set_defaults(func=cmd_export)
+
+
 def add_commands(sub: Any, positive: Any) -> None:
-    """Register ``finetune``, ``transfer`` and ``export`` on the top-level sub-parsers ``sub``."""
+    """Register ``finetune``, ``transfer segment|detect`` and ``export`` on the top-level sub-parsers ``sub``."""
     _add_finetune(sub, positive)
+    transfer = sub.add_parser("transfer", help="fine-tuned transfer: segment (FCN / DeepLab-v3), detect "
+                                               "(Faster / Mask R-CNN)",
+                              description="Fine-tuned dense transfer of a checkpoint's backbone: "
+                                          "`semssl transfer segment` and `semssl transfer detect`.")
+    protocols = transfer.add_subparsers(dest="protocol", required=True, metavar="{segment,detect}")
+    _add_segment(protocols, positive)
+    _add_detect(protocols, positive)
+    _add_export(sub, positive)

@@ -82,8 +82,13 @@ class RunLockedError(SemsslError, RuntimeError):
     """A run folder is in use by another process (names the pid, the host and the lock file)."""
 
 
+class ExportError(SemsslError, RuntimeError):
+    """An exported file that would not compute the backbone's features (names the format and the difference)."""
+
+
 __all__ = [
     "SemsslError", "ConfigError", "DataError", "ImageDecodeError", "SyntheticDataError", "SynthConfigError",
     "RecipeError", "ViewError", "SampleError", "OptimError", "ScheduleError", "CheckpointError", "EvalInputError",
     "BenchError", "NonFiniteLossError", "IncompleteRunError", "RunLockedError",
+    "ExportError",
 ]

@@ -152,20 +152,21 @@ def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "s
     masks_root = Path(masks_dir)
     if not masks_root.is_dir():
         raise DataError(f"masks folder '{masks_dir}' does not exist (expected IMAGES_DIR:MASKS_DIR)")
-    kept, masks, missing = [], [], 0
+    kept, masks, missing = [], [], []
     for path in source.paths:
         mask = (masks_root / path.relative_to(source.root)).with_suffix(MASK_EXTENSION)
         if mask.is_file():
             kept.append(path)
             masks.append(mask)
         else:
-            missing += 1
+            missing.append(path)
     if not kept:
         raise DataError(f"no image of '{images_dir}' has a mask in '{masks_dir}' (looked for "
                         f"<relative path>{MASK_EXTENSION})")
     if missing:
-        log.warning("dense probe: %d image(s) of '%s' have no mask in '%s' and are left out", missing, images_dir,
-                    masks_dir)
+        log.warning("dense probe: %d image(s) of '%s' have no mask in '%s' and are left out (first: '%s', no '%s')",
+                    len(missing), images_dir, masks_dir, missing[0],
+                    (masks_root / missing[0].relative_to(source.root)).with_suffix(MASK_EXTENSION))
     source.paths, source.targets = kept, [-1] * len(kept)
 
     def load(index: int) -> tuple[Image.Image, np.ndarray]:
@@ -176,7 +177,7 @@ def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "s
                             f"'{kept[sample['index']]}' is {image.width}x{image.height}")
         return image, mask
 
-    return SegmentationSource(f"{images_dir}:{masks_dir}", len(kept), load, {"skipped_no_mask": missing})
+    return SegmentationSource(f"{images_dir}:{masks_dir}", len(kept), load, {"skipped_no_mask": len(missing)})
 
 
 def synthetic_scenes_json(split: str, cfg: Any = None) -> str:

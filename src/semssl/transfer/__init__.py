@@ -10,6 +10,9 @@ the function; import a module's other names with ``from semssl.transfer.finetune
 from __future__ import annotations
 
 from semssl.transfer.common import BackboneSource
+from semssl.transfer.detect import detect
+from semssl.transfer.export import export
 from semssl.transfer.finetune import finetune
+from semssl.transfer.segment import segment
 
-__all__ = ["BackboneSource", "finetune"]
+__all__ = ["BackboneSource", "detect", "export", "finetune", "segment"]
