@@ -184,7 +184,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # max 320), batch 4, lr 0.02 x 4 / 16 = 0.005 (the linear scaling rule from the papers' 0.02 at 16), frozen
     # BN with stem and layer1 frozen, warm-up 50, steps at 75 % / 92 %.
     #   --train ../shared/data/msrc-v2/instances_train.json --test ../shared/data/msrc-v2/instances_test.json
-    # TIME
+    # Measured (2026-12-07, docs/results.md section 9): NOT within 15 minutes for the 32 px learning-check
+    # backbones (width 16, small-input stem: no stride 4 in the stem, so the FPN maps are 4x denser per side):
+    # 250 of the 300 iterations took 109 min (~26 s/iteration, one thread, the machine shared with one other run).
+    # Its time on a standard-stem ResNet-18 is not measured yet.
     "msrc-v2_small": {"layout": "fpn", "task": "box", "norm": "frozen", "iterations": 300, "batch_size": 4,
                       "lr": 0.005, "weight_decay": 1e-4, "warmup": 50, "milestones": (0.75, 0.92),
                       "min_size": 224, "max_size": 320, "roi_batch_size": 128, "test_proposals": 300},
@@ -195,7 +198,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     #   --train ../shared/data/coco128/coco_json_train2017/instances_train2017.json
     #   --test ../shared/data/coco128/coco_json_val2017/instances_val2017_boxes.json
     #   --test-images ../shared/data/coco128/images/val2017
-    # TIME
+    # Time: not measured yet.
     "coco128_small": {"layout": "fpn", "task": "box", "norm": "frozen", "iterations": 300, "batch_size": 4,
                       "lr": 0.005, "weight_decay": 1e-4, "warmup": 50, "milestones": (0.75, 0.92),
                       "min_size": 256, "max_size": 384, "roi_batch_size": 128, "test_proposals": 300},
