@@ -5,7 +5,7 @@ The loader is the engine's own (``semssl.engine.data.train_loader``: the recipe'
 in steady state (after warm-up batches); the time to the first batch (worker start-up) is reported apart.
 On a shared machine samples/s depends on the CPU share other processes leave; CPU ms per sample (main process +
 workers, read from /proc) does not, and "cores used" shows how much parallelism the workers actually got.
-The built-in dataset is generated on first use (``~/.cache/semssl/synthetic``, or ``$SEMSSL_DATA_DIR``).
+The built-in dataset is generated on first use (``~/.cache/semssl/synthetic``, or ``$SEMSSL_DATA_DIR/synthetic``).
 
     .venv/bin/python benchmarks/data_throughput.py                       # the main recipe, 0 and 2 workers
     .venv/bin/python benchmarks/data_throughput.py --workers 0 1 2 --batches 20 --out data_throughput.json

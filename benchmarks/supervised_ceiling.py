@@ -17,7 +17,7 @@ per image (boxes/masks flipped with it), SGD (momentum 0.9, weight decay 5e-4, c
 until ``--minutes`` of training or ``--steps``. The backbone is saved as a plain torchvision ``state_dict``, which
 ``semssl eval dense`` / ``semssl eval objects`` read with ``--checkpoint FILE`` like any other checkpoint:
 
-    C=../shared/data/coco128
+    C=${SEMSSL_DATA_DIR:-$HOME/.cache/semssl}/coco128
     python benchmarks/supervised_ceiling.py objects --train $C/coco_json_train2017/instances_train2017.json \\
         --width 32 --size 128 --minutes 25 --out runs/ceiling_objects_w32.pth
     semssl eval objects --checkpoint runs/ceiling_objects_w32.pth --train ... --test ... --size 128

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,14 @@ import torch
 from semssl.config import Config, load_config
 from semssl.data.synthetic import SynthConfig
 from semssl.data.synthetic.build import ensure_synthetic
+
+# The small real datasets lie beside the repository on the developers' machine (../shared/data from its root):
+# the tests read the recipes' $SEMSSL_DATA_DIR there, unless the variable is set already. Tests that need a dataset
+# skip when it is absent; every test that writes data writes it into a tmp folder (the built-in data included:
+# data.synthetic.root), never under the data root.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("SEMSSL_DATA_DIR", str(SHARED_DATA))
 
 TINY_SYNTH = SynthConfig(seed=0, object_size=32, scene_size=64, n_train_objects=96, n_test_objects=40,
                          n_train_scenes=8, n_test_scenes=4, num_classes=4, workers=1)

@@ -3,6 +3,7 @@ evaluation of a run / a plain torchvision state_dict, and clear errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import subprocess
@@ -33,9 +34,25 @@ def test_help_describes_every_command_and_option():
     for sub in (["eval", "knn"], ["eval", "linear"], ["data", "synth"], ["data", "check"]):
         text = run_cli(*sub, "--help").stdout
         assert "usage: semssl" in text
-    # every option of every sub-command carries a help string
-    for action in parser._subparsers._group_actions[0].choices["pretrain"]._actions:
-        assert action.help, action.dest
+    # every option and positional of every sub-command, nested ones included, carries a help string
+    commands = dict(_sub_commands(parser))
+    for nested in ("pretrain", "eval knn", "eval linear", "eval dense", "eval objects", "data proposals",
+                   "finetune", "transfer segment", "transfer detect", "export", "recipes"):
+        assert nested in commands, sorted(commands)
+    missing = [f"{name}: {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
+               for action in sub._actions
+               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help]
+    assert not missing, missing
+
+
+def _sub_commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """``(name, parser)`` of every sub-command, depth first (``"eval knn"``, ``"transfer segment"``, ...)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                full = f"{prefix} {name}".strip()
+                yield full, sub
+                yield from _sub_commands(sub, full)
 
 
 def test_methods_lists_one_per_line():

@@ -4,6 +4,7 @@ the recipes carry the paper's settings."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from region_testing import load_region_recipe, region_batch, tiny_scene_overrides
 
 from semssl.bench import MethodStep
@@ -29,11 +30,47 @@ def test_d3ssl_trains_with_both_modules_and_sums_them(tiny_synth, tmp_path):
     step = MethodStep(cfg, batch)
     method = step.method
     assert method.predictor is None and method.bank is not None and method.cfg.loss == "nce"
+    with torch.no_grad():  # a teacher that differs from the student, so every pairing gives its own value
+        for p in method.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bank = method.bank.queue.clone()
+    torch.manual_seed(1)  # the teacher's shuffle-BN permutations (x^1, then x2) are the step's first random draws
+    first = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=100, total_steps=300))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        t = {v: method.teacher(batch, v)["z"] for v in ("x1", "x2")}
+        s = {v: method.student(batch, v)["q"] for v in ("x1", "x2s", "x3")}
+
+    def nce(a: str, b: str) -> float:
+        """Eq. 5 written out: per pair of slots holding the same proposal, -log of the positive's share against
+        the bank; averaged over an image's pairs (Eq. 10's 1/K), then over images."""
+        ids, valid, rows = batch["proposal_ids"], batch["proposal_valid"], []
+        for n in range(s[a].shape[0]):
+            terms = []
+            for i in range(ids[a].shape[1]):
+                for j in range(ids[b].shape[1]):
+                    if valid[a][n, i] and valid[b][n, j] and ids[a][n, i] == ids[b][n, j]:
+                        q, k = F.normalize(s[a][n, i], dim=0), F.normalize(t[b][n, j], dim=0)
+                        pos = torch.exp(q @ k / 0.2)
+                        terms.append(float(-torch.log(pos / (pos + torch.exp(bank @ q / 0.2).sum()))))
+            rows.append(sum(terms) / (len(terms) + 1e-6))
+        return sum(rows) / len(rows)
+
+    # L_dc = NCE(z_s1, z_t2) + NCE(z_s2, z_t1) (Eq. 4), L_dp = NCE(z_s3, z_t2) + NCE(z_s3, z_t1) (Eq. 9)
+    assert float(first["loss_dc"]) == pytest.approx(nce("x1", "x2") + nce("x2s", "x1"), rel=1e-5)
+    assert float(first["loss_dp"]) == pytest.approx(nce("x3", "x2") + nce("x3", "x1"), rel=1e-5)
+    assert float(first["loss"].detach()) == pytest.approx(float(first["loss_dc"] + first["loss_dp"]), rel=1e-6)
+    wrong = nce("x1", "x1") + nce("x2s", "x2")  # same-view pairs: a different value, so the pairing is checked
+    assert abs(wrong - float(first["loss_dc"])) > 1e-3
+    # the bank received the teacher embeddings of x^1, then of x2, every slot (the 4 x 4 slots are all valid)
+    assert batch["proposal_valid"]["x1"].all() and batch["proposal_valid"]["x2"].all()
+    torch.testing.assert_close(method.bank.queue[:16], F.normalize(t["x1"].reshape(16, -1), dim=1))
+    torch.testing.assert_close(method.bank.queue[16:32], F.normalize(t["x2"].reshape(16, -1), dim=1))
     outs = [step.run() for _ in range(2)]
     for out in outs:
         assert torch.isfinite(out["loss"])
         torch.testing.assert_close(out["loss"].detach(), out["loss_dc"] + out["loss_dp"])
-    assert int(method.bank.ptr) == (2 * (2 * 4 * 4)) % 100  # z_t1 and z_t2, every slot, two steps
+    assert int(method.bank.ptr) == (3 * (2 * 4 * 4)) % 100  # z_t1 and z_t2, every slot, three steps
 
 
 @pytest.mark.parametrize("variant", [

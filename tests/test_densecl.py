@@ -139,9 +139,21 @@ def test_densecl_trains_a_few_steps(match_on: str) -> None:
     batch = {"views": {"q": x, "k": x.flip(-1) + 0.1 * torch.randn(4, 3, 64, 64, generator=g)}}
     torch.manual_seed(0)
     step = MethodStep(cfg, batch, steps_per_epoch=3)
-    before = step.method.encoder_q.dense_projector[0].weight.detach().clone()
+    method = step.method
+    before = method.encoder_q.dense_projector[0].weight.detach().clone()
+    start, start2 = method.queue.queue.clone(), method.queue2.queue.clone()
+    keys = []  # what the key encoder returns in each step (shuffle-BN undone)
+    plain_keys = method.keys
+    method.keys = lambda x: keys.append(plain_keys(x)) or keys[-1]
     outs = [step.run() for _ in range(3)]
     assert all(torch.isfinite(o["loss"]) for o in outs)
     assert {"loss_ins", "loss_pix", "acc_dense", "std_dense"} <= set(outs[0])
-    assert not torch.equal(before, step.method.encoder_q.dense_projector[0].weight)  # the neck trains
-    assert int(step.method.queue2.ptr) == 12 % 12
+    assert not torch.equal(before, method.encoder_q.dense_projector[0].weight)  # the neck trains
+    # 3 steps x 4 keys: queue (16 rows) holds the global keys in rows 0-11, its last 4 rows untouched; queue2
+    # (12 rows) holds the pooled dense keys of the 3 steps in order, having wrapped round to its start
+    assert len(keys) == 3 and int(method.queue.ptr) == 12 and int(method.queue2.ptr) == 0
+    for i, k in enumerate(keys):
+        torch.testing.assert_close(method.queue.queue[4 * i: 4 * i + 4], k["z"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(method.queue2.queue[4 * i: 4 * i + 4], k["dense_pooled"], rtol=0, atol=1e-6)
+        assert not torch.allclose(k["dense_pooled"], start2[4 * i: 4 * i + 4])
+    torch.testing.assert_close(method.queue.queue[12:], start[12:])

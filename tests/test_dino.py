@@ -203,14 +203,24 @@ def test_dino_trains_and_is_evaluated_on_the_teacher() -> None:
     teacher_calls: list[int] = []
     method.teacher.backbone.register_forward_hook(lambda m, i, o: teacher_calls.append(i[0].shape[0]))
     teacher_before = [p.detach().clone() for p in method.teacher.parameters()]
-    outs = [step.run(random_batch(seed=i)) for i in range(3)]
+    outs = []
+    for i in range(3):  # every teacher parameter follows the EMA t <- m t + (1 - m) s of its student parameter
+        old = [p.detach().clone() for p in method.teacher.parameters()]
+        outs.append(step.run(random_batch(seed=i)))
+        m = outs[-1]["momentum"]
+        assert 0.99 < m < 1
+        for t_old, t, s in zip(old, method.teacher.parameters(), method.student.parameters(), strict=True):
+            torch.testing.assert_close(t.detach(), m * t_old + (1 - m) * s.detach())
     for out in outs:
         assert torch.isfinite(out["loss"]) and 0 < float(out["teacher_entropy"]) <= math.log(64) + 1e-4
         assert float(out["embed_std"]) > 0
     # one backbone forward per resolution group (2B global crops, 3B local crops); the teacher sees the globals
     assert calls == [2 * B, 3 * B] * 3 and teacher_calls == [2 * B] * 3
     assert all(p.grad is None for p in method.teacher.parameters())
-    assert all(not torch.equal(a, b) for a, b in zip(teacher_before[:1], method.teacher.parameters()))  # EMA moved
+    # after 3 steps every teacher parameter has moved (the last layer from step 3 on, when it is no longer frozen),
+    # except the weight-norm gain, fixed at 1 in both networks
+    still = [name for (name, p), p0 in zip(method.teacher.named_parameters(), teacher_before) if torch.equal(p, p0)]
+    assert still == ["head.last_layer.parametrizations.weight.original0"]
     assert float(method.dino_loss.center.center.abs().sum()) > 0
     assert method.default_branch == "teacher"
     x = torch.randn(2, 3, 32, 32)
@@ -222,6 +232,53 @@ def test_dino_trains_and_is_evaluated_on_the_teacher() -> None:
     trainable = {id(p) for g in method.param_groups(1e-4) for p in g["params"]}
     assert not trainable & {id(p) for p in method.teacher.parameters()}
     assert id(method.student.head.last_layer.parametrizations.weight.original0) not in trainable
+
+
+def cross_entropy_by_hand(teacher_logits: torch.Tensor, student_logits: torch.Tensor, center, tau_t: float,
+                          tau_s: float) -> torch.Tensor:
+    """Batch mean of CE(softmax((t - c) / tau_t), log_softmax(s / tau_s)) (``center`` None: no centering)."""
+    t = teacher_logits - center if center is not None else teacher_logits
+    return -(torch.softmax(t / tau_t, dim=-1) * torch.log_softmax(student_logits / tau_s, dim=-1)).sum(-1).mean()
+
+
+def dino_by_hand(method, batch: dict, center: torch.Tensor, tau_t: float) -> tuple[torch.Tensor, dict, list]:
+    """DINO's loss written out (METHODS.md §1.5a): the student's logits of every crop (one backbone call per
+    resolution, the head over all crops), the teacher's of the 2 global crops; the mean over the (i, v != i)
+    pairs of the batch-mean CE of the centred, sharpened teacher target i and the student crop v.
+    Returns (loss, the teacher's outputs, the student's backbone outputs per view)."""
+    names = [n for n in ("global", "local") if n in batch["views"]]
+    with torch.no_grad():
+        s_out = [method.student.backbone(batch["views"][n]) for n in names]
+        s_logits = method.student.head(torch.cat([o["pooled"] for o in s_out]))
+        t_out = method.teacher(batch["views"]["global"])
+    s = s_logits.view(-1, B, s_logits.shape[-1])
+    t = t_out["logits"].view(2, B, -1)
+    pairs = [cross_entropy_by_hand(t[i], s[v], center, tau_t, method.cfg.student_temp)
+             for i in range(2) for v in range(s.shape[0]) if v != i]
+    assert len(pairs) == 2 * s.shape[0] - 2
+    return torch.stack(pairs).mean(), t_out, s_out
+
+
+def test_dino_loss_of_the_method_by_hand() -> None:
+    """The method's total on a hand-made batch equals DINO's loss written out from its networks, with a non-zero
+    center and a teacher that differs from the student; the center then moves by its EMA of the teacher logits."""
+    from semssl.methods import build_method
+    from semssl.schedules import Progress
+
+    torch.manual_seed(0)
+    method = build_method(tiny_cfg()).train()
+    with torch.no_grad():
+        for p in method.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        method.dino_loss.center.center.copy_(0.5 * torch.randn(1, 64))
+    center = method.dino_loss.center.center.clone()
+    batch = random_batch(seed=3)
+    out = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, total_steps=1))
+    expected, t_out, _ = dino_by_hand(method, batch, center, tau_t=0.07)  # a bare Progress: the final tau_t
+    assert float(out["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    uncentred, _, _ = dino_by_hand(method, batch, torch.zeros(1, 64), tau_t=0.07)
+    assert abs(float(uncentred) - float(expected)) > 1e-3  # the center takes part
+    torch.testing.assert_close(method.dino_loss.center.center, 0.9 * center + 0.1 * t_out["logits"].mean(0, True))
 
 
 def test_dino_without_multicrop_and_view_errors() -> None:

@@ -173,7 +173,8 @@ def _batch() -> dict:
 
 @pytest.mark.parametrize("semantic", STRATEGIES)
 def test_every_strategy_trains_a_few_steps(semantic: str) -> None:
-    cfg = load_config(DEFAULT_RECIPE, [*TINY, f"method.semantic={semantic}", "method.freeze_prototypes_iters=1"])
+    cfg = load_config(DEFAULT_RECIPE, [*TINY, f"method.semantic={semantic}", "method.freeze_prototypes_iters=1",
+                                       "method.w_ins=0.5", "method.w_pix=1.5", "method.w_sem=2.0"])
     torch.manual_seed(0)
     step = MethodStep(cfg, _batch(), steps_per_epoch=3)
     method = step.method
@@ -184,7 +185,7 @@ def test_every_strategy_trains_a_few_steps(semantic: str) -> None:
     outs += [step.run() for _ in range(2)]
     for out in outs:
         assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_sem"])
-        total = out["loss_ins"] + out["loss_pix"] + out["loss_sem"]  # Eq. 10, weights 1/1/1
+        total = 0.5 * out["loss_ins"] + 1.5 * out["loss_pix"] + 2.0 * out["loss_sem"]  # Eq. 10, each term weighted
         assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
     if protos is not None:
         assert not torch.allclose(method.prototypes.layer.weight.detach(), F.normalize(protos, dim=1))
@@ -198,6 +199,71 @@ def test_every_strategy_trains_a_few_steps(semantic: str) -> None:
         assert maps.shape == (4, 2, 2) and maps.max() < (6 if semantic == "kmeans" else 10)
     else:
         assert maps is None
+
+
+def _sinkhorn_by_hand(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """SwAV's multiplicative Sinkhorn-Knopp, written out: Q = exp(s / eps)^T [K, N]; per iteration the rows
+    (prototypes) to mass 1/K, the columns (samples) to mass 1/N; finally each sample's code sums to 1."""
+    q = torch.exp(scores.double() / eps).t()
+    q = q / q.sum()
+    k, n = q.shape
+    for _ in range(iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).t()
+
+
+def _info_nce_by_hand(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float) -> torch.Tensor:
+    """-mean_i log exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_m exp(q_i.n_m / t))."""
+    pos = torch.exp((q * k).sum(1) / t)
+    return -torch.log(pos / (pos + torch.exp(q @ negatives.t() / t).sum(1))).mean()
+
+
+def test_weights_scale_each_term_and_the_prototype_term_by_hand() -> None:
+    """Eq. 10 with non-unit weights, L = w_ins L_ins + w_pix L_pix + w_sem L_PM, every term computed here from
+    the encoders' outputs: MoCo's InfoNCE against the queue, DenseCL's dense InfoNCE over the argmax
+    correspondence of the backbone maps against queue2, and the swapped prediction of Sinkhorn codes over the
+    matched pixel pairs with the normalised prototypes."""
+    cfg = load_config(DEFAULT_RECIPE, [*TINY, "method.semantic=prototypes", "method.w_ins=0.3", "method.w_pix=0.7",
+                                       "method.w_sem=2.0"])
+    torch.manual_seed(0)
+    method = build_method(cfg).train()
+    batch = _batch()
+    queue, queue2 = method.queue.queue.clone(), method.queue2.queue.clone()
+    # at 2x2 cells a random network matches every position with itself; mirroring the key's backbone map (the
+    # correspondence's feature space only) makes the matching a permutation, so the pairing is checked too
+    plain_keys = method.keys
+
+    def mirrored_keys(x: torch.Tensor) -> dict:
+        out = plain_keys(x)
+        return {**out, "layer4": out["layer4"].flip(-1)}
+
+    method.keys = mirrored_keys
+    torch.manual_seed(4)  # the key shuffle's permutation is the step's first random draw
+    out = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=3, total_steps=3))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        q = method.encoder_q(batch["views"]["q"])
+        k = method.keys(batch["views"]["k"])
+    b = q["layer4"].shape[0]
+    fq = F.normalize(q["layer4"].flatten(2).transpose(1, 2), dim=2)  # [B, S, C], row-major positions
+    fk = F.normalize(k["layer4"].flatten(2).transpose(1, 2), dim=2)
+    match = torch.einsum("bic,bjc->bij", fq, fk).argmax(dim=2)
+    assert (match != torch.arange(4)).any()
+    k_matched = torch.stack([k["dense"][i, match[i]] for i in range(b)]).reshape(-1, 128)
+    q_dense = q["dense"].reshape(-1, 128)
+    l_ins = _info_nce_by_hand(q["z"], k["z"], queue, 0.2)
+    l_pix = _info_nce_by_hand(q_dense, k_matched, queue2, 0.2)
+    protos = F.normalize(method.prototypes.layer.weight.detach(), dim=1)
+    s_a, s_b = q_dense @ protos.t(), k_matched @ protos.t()
+    codes_a, codes_b = _sinkhorn_by_hand(s_a, 0.05, 3), _sinkhorn_by_hand(s_b, 0.05, 3)
+    l_sem = (-(codes_b * F.log_softmax(s_a.double() / 0.1, dim=1)).sum(1).mean()
+             - (codes_a * F.log_softmax(s_b.double() / 0.1, dim=1)).sum(1).mean())
+    assert float(out["loss_ins"]) == pytest.approx(float(l_ins), rel=1e-5)
+    assert float(out["loss_pix"]) == pytest.approx(float(l_pix), rel=1e-5)
+    assert float(out["loss_sem"]) == pytest.approx(float(l_sem), rel=1e-4)
+    expected = 0.3 * float(l_ins) + 0.7 * float(l_pix) + 2.0 * float(l_sem)
+    assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_kmeans_on_backbone_features_and_warm_start() -> None:
@@ -222,10 +288,11 @@ def test_config_errors_name_the_key() -> None:
 
 # ----------------------------------------------------------------------------------------- 2 processes (gloo)
 def test_distributed_kmeans_and_sinkhorn_equal_one_process(tmp_path: Path) -> None:
-    """Each rank holds half of fixed data: Sinkhorn codes, k-means centroids/assignments, kmeans_init and the
-    centroid loss's gradient (averaged over ranks, as DDP does) equal one process on all of it. The ranks run
-    ``dsc_ddp_worker`` (light imports: spawned processes start faster)."""
-    from dsc_ddp_worker import WORLD, distributed_rank, distributed_work
+    """Each rank holds half of fixed data: Sinkhorn codes, k-means centroids/assignments and the centroid loss's
+    gradient (averaged over ranks, as DDP does) equal one process on all of it; kmeans_init gives both ranks the
+    centroids one process computes from the two halves' draws. The ranks run ``dsc_ddp_worker`` (light imports:
+    spawned processes start faster)."""
+    from dsc_ddp_worker import WORLD, distributed_rank, distributed_work, separable
 
     context = mp.start_processes(distributed_rank, args=(str(tmp_path),), nprocs=WORLD, join=False,
                                  start_method="spawn")
@@ -243,4 +310,11 @@ def test_distributed_kmeans_and_sinkhorn_equal_one_process(tmp_path: Path) -> No
         torch.testing.assert_close(r["centroids"], single["centroids"])
         torch.testing.assert_close(r["counts"], single["counts"])
         torch.testing.assert_close(r["grad"], single["grad"])  # x world size, then averaged: the global gradient
-    torch.testing.assert_close(ranks[0]["init"], ranks[1]["init"])  # every rank starts from the same centroids
+    # kmeans_init: every rank gets the same centroids, the ones one process computes from the two halves: each
+    # rank draws ceil(3 / 2) = 2 of its own points (its generator), gathered rank-major, the first 3 kept
+    points, _ = separable(n_per=4, seed=1)
+    draws = [points[6 * r: 6 * r + 6][torch.randperm(6, generator=torch.Generator().manual_seed(r))[:2]]
+             for r in range(WORLD)]
+    expected = F.normalize(torch.cat(draws)[:3], dim=1)
+    for r in ranks:
+        torch.testing.assert_close(r["init"], expected)

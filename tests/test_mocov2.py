@@ -77,13 +77,22 @@ def test_mocov2_step_enqueues_keys_and_trains():
     x = torch.randn(4, 3, 32, 32)
     batch = {"views": {"q": x, "k": x.flip(-1)}}
     progress = Progress(epoch=0, step=0, steps_per_epoch=1, total_steps=1)
+    torch.manual_seed(3)  # the key shuffle's permutation is the step's first random draw
     out = method.training_step(batch, progress)
     assert out["loss"].requires_grad and torch.isfinite(out["loss"])
     assert int(method.queue.ptr) == 4
-    # the enqueued keys are the key encoder's normalised embeddings of view k (shuffle-BN undone)
-    method.encoder_k.eval()
+    # the enqueued keys are the key encoder's normalised embeddings of view k, computed on the shuffled batch
+    # (BatchNorm in 2 splits sees the shuffled groups) and put back in batch order
+    torch.manual_seed(3)
+    perm = torch.randperm(4)
     with torch.no_grad():
-        assert torch.allclose(method.queue.queue[:4].norm(dim=1), torch.ones(4), atol=1e-5)
+        shuffled = method.encoder_k(x.flip(-1)[perm])["z"]
+        in_order = method.encoder_k(x.flip(-1))["z"]
+    assert perm.tolist() != [0, 1, 2, 3]
+    torch.testing.assert_close(method.queue.queue[:4], shuffled[torch.argsort(perm)], rtol=0, atol=1e-6)
+    assert not torch.allclose(method.queue.queue[:4], shuffled, atol=1e-3)  # the order is undone ...
+    assert not torch.allclose(method.queue.queue[:4], in_order, atol=1e-3)  # ... but the BN groups were shuffled
+    torch.testing.assert_close(method.queue.queue[:4].norm(dim=1), torch.ones(4))
     out["loss"].backward()
     assert method.encoder_q.backbone.conv1.weight.grad is not None
     assert all(p.grad is None for p in method.encoder_k.parameters())

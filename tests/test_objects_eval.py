@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from semssl.cli import main
+from semssl.errors import ConfigError
 from semssl.eval.objects import (
     ObjectsConfig,
     SceneObjects,
@@ -165,7 +166,7 @@ def test_c4_roi_option_runs_through_the_protocol_and_pixels_keep_their_features(
     res = evaluate_objects(model, open_coco(tiny_coco[0]), open_coco(tiny_coco[1]),
                            ObjectsConfig(size=64, roi="c4", batch_size=4))
     assert "C4" in res["roi"] and 0.0 <= res["oknn_top1"] <= 100.0
-    with pytest.raises(Exception, match="roi"):
+    with pytest.raises(ConfigError, match="roi: expected one of"):
         evaluate_objects(model, open_coco(tiny_coco[0]), open_coco(tiny_coco[1]), ObjectsConfig(size=64, roi="c3"))
 
 
@@ -206,7 +207,9 @@ def test_oknn_is_low_when_object_features_are_noise(tiny_coco):
                            ObjectsConfig(size=64, min_side=8, batch_size=4))
     # with min_side 8 the yellow objects count too: 18 queries of 4 classes
     assert res["n_queries"] == 18
-    assert res["oknn_top1"] < 60.0
+    # chance: 4 classes (25 %; the majority class, yellow, is 6 of 18 = 33 %). Noise features over 20 generator
+    # seeds gave 5.6-33.3 % (mean 22.8 %, one query = 5.6 points); features that name the class give 100 %
+    assert res["oknn_top1"] <= 100 / 3 + 1e-6
 
 
 def test_disturbed_pass_sees_disturbed_queries_and_a_clean_memory_when_asked(tiny_coco):

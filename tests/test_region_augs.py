@@ -212,6 +212,9 @@ def test_region_batch_transforms_are_registered_and_validated():
 
 def test_prc_prm_batch_transforms_change_only_their_views_reproducibly():
     batch = region_batch()
+    pure = {ProposalCutout: lambda x, b, v, g: proposal_cutout(x, b, v, area=(0.2, 0.5), generator=g)[0],
+            ProposalMask: lambda x, b, v, g: proposal_mask(x, b, v, scale=(0.2, 0.6), aspect=(3 / 4, 4 / 3),
+                                                           generator=g)[0]}
     for transform in (ProposalCutout(views=("x1", "x2s")), ProposalMask(views=("x1", "x2s"))):
         out = transform(batch, gen(5))
         again = transform(batch, gen(5))
@@ -220,7 +223,13 @@ def test_prc_prm_batch_transforms_change_only_their_views_reproducibly():
         assert not torch.equal(out["views"]["x1"], batch["views"]["x1"])
         assert not torch.equal(out["views"]["x2s"], batch["views"]["x2s"])
         assert out["proposals"] is batch["proposals"]  # boxes unchanged
-        # row 1 of x1 equals the pure function with the same draws
+        # row 1 of x1 equals the pure function with the same draws: the p-draw of the view's rows, then row 0's
+        g = gen(5)
+        assert bool((torch.rand(3, generator=g) < 1.0).all())
+        fn = pure[type(transform)]
+        fn(batch["views"]["x1"][0], batch["proposals"]["x1"][0], batch["proposal_valid"]["x1"][0], g)
+        row1 = fn(batch["views"]["x1"][1], batch["proposals"]["x1"][1], batch["proposal_valid"]["x1"][1], g)
+        assert torch.equal(out["views"]["x1"][1], row1) and not torch.equal(row1, batch["views"]["x1"][1])
     off = ProposalCutout(views=("x1",), p=0.0)(batch, gen(0))
     assert torch.equal(off["views"]["x1"], batch["views"]["x1"])
     with pytest.raises(SampleError):

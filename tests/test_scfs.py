@@ -234,6 +234,49 @@ def test_stage_centers_are_fed_by_the_teacher_global_outputs_only() -> None:
     assert all(float(c.center.abs().sum()) == 0 for c in method.stage_centers.values())
 
 
+def test_scfs_total_by_hand() -> None:
+    """L = L_DINO + sum over layer2/3/4 of 1/2 (L_glob + L_loc) (METHODS.md §1.5c), every term written out here
+    from the networks' outputs: L_glob = 1/2 [CE(t_0, s_1) + CE(t_1, s_0)] on the stage heads' outputs of the
+    global crops (teacher centred with the stage center); L_loc = mean over local crops of CE(target_i, s_i),
+    target_i = softmax(teacher head(A_i * F'_g0) / tau_t), not centred, A_i = the cosine of the pooled student
+    map of local crop i with every position of the teacher's map of global crop 0."""
+    from test_dino import cross_entropy_by_hand, dino_by_hand
+
+    torch.manual_seed(0)
+    method = build_method(scfs_cfg("scfs", n_local=3)).train()
+    with torch.no_grad():
+        for p in [*method.teacher.parameters(), *method.teacher_heads.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+        for c in [method.dino_loss.center, *method.stage_centers.values()]:
+            c.center.copy_(0.5 * torch.randn_like(c.center))
+    centers = {s: method.stage_centers[s].center.clone() for s in ("layer2", "layer3", "layer4")}
+    dino_center = method.dino_loss.center.center.clone()
+    batch = random_batch(seed=5)
+    out = method.training_step(batch, Progress(epoch=0, step=0, steps_per_epoch=1, total_steps=1))
+    tau_t, tau_s = 0.07, 0.1  # a bare Progress: the final teacher temperature
+    l_dino, t_out, (s_global, s_local) = dino_by_hand(method, batch, dino_center, tau_t)
+    total = l_dino
+    with torch.no_grad():
+        for stage in ("layer2", "layer3", "layer4"):
+            head_s, head_t = method.student_heads[stage], method.teacher_heads[stage]
+            z_sg, z_tg = head_s(s_global[stage]).view(2, B, -1), head_t(t_out[stage]).view(2, B, -1)
+            l_glob = 0.5 * (cross_entropy_by_hand(z_tg[0], z_sg[1], centers[stage], tau_t, tau_s)
+                            + cross_entropy_by_hand(z_tg[1], z_sg[0], centers[stage], tau_t, tau_s))
+            key = t_out[stage][:B]  # the teacher's map of global crop 0, [B, C, H, W]
+            searched = []
+            for n in range(3 * B):  # local crops, crop-major: row n is image n % B
+                query = F.normalize(s_local[stage][n].mean(dim=(1, 2)), dim=0)
+                attention = torch.einsum("c,chw->hw", query, F.normalize(key[n % B], dim=0))
+                searched.append(attention * key[n % B])
+            targets = head_t(torch.stack(searched))
+            l_loc = cross_entropy_by_hand(targets, head_s(s_local[stage]), None, tau_t, tau_s)
+            stage_loss = 0.5 * (l_glob + l_loc)
+            assert float(out[f"loss_{stage}"]) == pytest.approx(float(stage_loss), rel=1e-5), stage
+            total = total + stage_loss
+    assert float(out["loss_dino"]) == pytest.approx(float(l_dino), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(float(total), rel=1e-5)
+
+
 def test_options_stages_and_search_views() -> None:
     torch.manual_seed(0)
     method = build_method(scfs_cfg("scfs", stages=["layer2"], search_views="both"))

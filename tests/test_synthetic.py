@@ -303,8 +303,8 @@ def test_unknown_split_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SEMSSL_DATA_DIR", str(tmp_path / "d"))
-    assert default_root() == tmp_path / "d"
+    monkeypatch.setenv("SEMSSL_DATA_DIR", str(tmp_path / "d"))  # the data root; the built-in data one folder below
+    assert default_root() == tmp_path / "d" / "synthetic"
     monkeypatch.delenv("SEMSSL_DATA_DIR")
     assert default_root() == Path.home() / ".cache" / "semssl" / "synthetic"
 

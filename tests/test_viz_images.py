@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_overrides
 
+from semssl.data.sources import load_image
 from semssl.errors import DataError
 from semssl.viz.images import gather, image_files, spread
 
@@ -26,7 +28,11 @@ def test_coco_json_and_synthetic_scenes_give_the_same_pictures(tiny_synth: Path)
     by_json = gather([tiny_synth / "scenes" / "train" / "annotations.json"], 3)
     by_name = gather(["synthetic:scenes"], 3, cfg)
     assert len(by_json) == 3 and [n for n, _ in by_json] == [n for n, _ in by_name]
-    assert by_json[0][1].size == by_name[0][1].size
+    images = tiny_synth / "scenes" / "train" / "images"
+    for (name, a), (_, b) in zip(by_json, by_name):
+        pixels = np.asarray(load_image(images / name))
+        assert np.array_equal(np.asarray(a), pixels) and np.array_equal(np.asarray(b), pixels), name
+    assert not np.array_equal(np.asarray(by_json[0][1]), np.asarray(by_json[1][1]))  # three different pictures
 
 
 def test_spread_keeps_the_ends_and_bad_input_names_the_path(tmp_path: Path) -> None:

@@ -196,6 +196,17 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_get(args: argparse.Namespace) -> int:
+    """``semssl data get NAME``: the work is :func:`semssl.data.get.get_dataset`."""
+    from semssl.data.get import get_dataset
+
+    summary = get_dataset(args.name, root=Path(args.root) if args.root else None, sources=args.sources,
+                          force=args.force, options={"format": args.format})
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"{args.name}: {summary['path']}")
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from semssl.data.sources import build_source
 
@@ -289,9 +300,11 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
                    help="centre-crop size (default: the run's data.eval_size, else 224)")
     p.add_argument("--resize-ratio", type=_positive(float, 1.0),
                    help="resize shorter side to size*ratio before the crop (256/224)")
-    p.add_argument("--batch-size", type=_positive(int), default=256)
-    p.add_argument("--workers", type=_positive(int, 0), default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive(int), default=256,
+                   help="images per feature-extraction batch (default 256)")
+    p.add_argument("--workers", type=_positive(int, 0), default=2, help="data-loading worker processes (default 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the --random-init backbones and of the linear probe's training (default 0)")
     p.add_argument("--out", help="write the result as JSON here")
 
 
@@ -319,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_common(pk)
     pk.add_argument("--k", type=_positive(int), nargs="+", default=[20, 200],
                     help="neighbour counts (first one is knn_top1)")
-    pk.add_argument("--temperature", type=_positive(float, 0.0, open_low=True), default=0.07)
+    pk.add_argument("--temperature", type=_positive(float, 0.0, open_low=True), default=0.07,
+                    help="temperature T of the neighbour weights exp(cos / T) (default 0.07)")
     pk.set_defaults(func=cmd_eval_knn)
     pl = esub.add_parser("linear", help="linear probe on the frozen backbone (fast or standard protocol)")
     _add_eval_common(pl)
@@ -331,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lr", type=float, default=30.0, help="standard protocol: base lr per 256 images")
     pl.add_argument("--schedule", choices=["step", "cosine"], default="step",
                     help="standard protocol: steps at 60%%/80%% of the epochs (MoCo) or cosine (SCFS/DINO)")
-    pl.add_argument("--weight-decay", type=float, default=0.0)
+    pl.add_argument("--weight-decay", type=float, default=0.0,
+                    help="standard protocol: weight decay of the linear head (default 0)")
     pl.set_defaults(func=cmd_eval_linear)
     from semssl.eval import dense as eval_dense
 
@@ -357,33 +372,53 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(pfig)
         pfig.set_defaults(func=module.run)
 
-    pd = sub.add_parser("data", help="built-in data and data checks")
+    pd = sub.add_parser("data", help="built-in data, the recipes' datasets (get) and data checks")
     dsub = pd.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     ps = dsub.add_parser("synth", help="generate the built-in synthetic dataset (objects + scenes)")
-    ps.add_argument("--root", help="output folder (default: $SEMSSL_DATA_DIR or ~/.cache/semssl/synthetic)")
-    ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--object-size", type=int, default=64)
-    ps.add_argument("--scene-size", type=int, default=128)
-    ps.add_argument("--n-train-objects", type=int, default=5000)
-    ps.add_argument("--n-test-objects", type=int, default=1000)
-    ps.add_argument("--n-train-scenes", type=int, default=1000)
-    ps.add_argument("--n-test-scenes", type=int, default=200)
-    ps.add_argument("--num-classes", type=int, default=10)
+    ps.add_argument("--root", help="output folder (default: <data root>/synthetic, the data root being "
+                                   "$SEMSSL_DATA_DIR or ~/.cache/semssl)")
+    ps.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    ps.add_argument("--object-size", type=int, default=64, help="side of an object image in pixels (default 64)")
+    ps.add_argument("--scene-size", type=int, default=128, help="side of a scene image in pixels (default 128)")
+    ps.add_argument("--n-train-objects", type=int, default=5000, help="object images in the train split")
+    ps.add_argument("--n-test-objects", type=int, default=1000, help="object images in the test split")
+    ps.add_argument("--n-train-scenes", type=int, default=1000, help="scene images in the train split")
+    ps.add_argument("--n-test-scenes", type=int, default=200, help="scene images in the test split")
+    ps.add_argument("--num-classes", type=int, default=10, help="object classes (default 10)")
     ps.add_argument("--class-def", choices=["shape", "shape_texture"], default="shape",
                     help="a class is a shape (texture drawn per instance; default) or a (shape, texture) pair "
                          "(generator version 1's classes)")
     ps.add_argument("--style", choices=["plain", "cluttered"], default="plain",
                     help="plain: flat backgrounds, solid objects, no distractors (version 3; default); cluttered: "
                          "version 2's gradients, clutter, textures and distractors")
-    ps.add_argument("--workers", type=int, default=2)
-    ps.add_argument("--splits", nargs="+", default=["objects", "scenes"], choices=["objects", "scenes"])
+    ps.add_argument("--workers", type=int, default=2, help="worker processes drawing the images (default 2)")
+    ps.add_argument("--splits", nargs="+", default=["objects", "scenes"], choices=["objects", "scenes"],
+                    help="which parts to generate (default both)")
     ps.set_defaults(func=cmd_data_synth)
+    from semssl.data.root import GETTABLE
+
+    pg = dsub.add_parser("get", help="download (or take --from a local copy), verify and lay out a dataset the "
+                                     "recipes use, under the data root ($SEMSSL_DATA_DIR or ~/.cache/semssl)",
+                         description="Write the dataset NAME into <data root>/NAME, the layout the recipes read "
+                                     "($SEMSSL_DATA_DIR/NAME/...), from its public source: download with a "
+                                     "progress bar and checksum check, or --from a local archive or folder. "
+                                     "Sources, checksums and conversions: semssl.data.get.")
+    pg.add_argument("name", choices=GETTABLE, metavar="NAME", help=f"one of: {', '.join(GETTABLE)}")
+    pg.add_argument("--from", dest="sources", action="append", default=[], metavar="PATH",
+                    help="a local copy instead of the download: the published archive or file (verified), or a "
+                         "folder holding it extracted; repeat for a dataset built from several files")
+    pg.add_argument("--root", help="the data root to write into (default: $SEMSSL_DATA_DIR or ~/.cache/semssl)")
+    pg.add_argument("--force", action="store_true", help="write the dataset again when it is already there")
+    pg.add_argument("--format", choices=["jpg", "png"],
+                    help="cifar10 / cifar10-6k image files (default: png for cifar10; jpg, quality 75, for "
+                         "cifar10-6k, the format of the copy the docs were measured on)")
+    pg.set_defaults(func=cmd_data_get)
     pc = dsub.add_parser("check", help="decode every image of a folder / list / COCO JSON; report bad files")
-    pc.add_argument("path")
+    pc.add_argument("path", help="an image folder, a file list or a COCO annotation JSON")
     pc.set_defaults(func=cmd_data_check)
     pp = dsub.add_parser("proposals", help="compute / refresh the selective-search proposals cache of a COCO "
                                            "JSON, image folder or file list (SoCo/D3SSL; see semssl.data.proposals)")
-    pp.add_argument("path")
+    pp.add_argument("path", help="a COCO annotation JSON, an image folder or a file list")
     pp.add_argument("--workers", type=int, help="worker processes (default: min(8, CPU count))")
     pp.add_argument("--cache", help="cache file (default: <path>.proposals.json beside the data, or the user cache)")
     pp.add_argument("--check", action="store_true", help="only report whether the cache is up to date (exit 1 if not)")
@@ -407,8 +442,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `semssl` console script."""
     from semssl.errors import ConfigError, SemsslError
 
+    from semssl.data.root import expand
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    for key, value in vars(args).items():  # '$SEMSSL_DATA_DIR/...' in any path option: the data root
+        if isinstance(value, str):
+            setattr(args, key, expand(value))
+        elif isinstance(value, list):
+            setattr(args, key, [expand(v) if isinstance(v, str) else v for v in value])
     _setup_logging(args.verbose)
     try:
         return args.func(args)

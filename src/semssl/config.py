@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from semssl.data.regions import RegionSampling
+from semssl.data.root import expand as expand_data_root
 from semssl.data.synthetic import SynthConfig
 from semssl.data.views import ViewSpec
 from semssl.errors import ConfigError
@@ -41,7 +42,8 @@ DEFAULT_RECIPE = "mocov2_resnet18-w16_1x128-800it_synthetic"
 @dataclass
 class SyntheticConfig(SynthConfig):
     """The built-in dataset (fields of :class:`semssl.data.synthetic.SynthConfig`) and where it lives
-    (``root``; default ``$SEMSSL_DATA_DIR`` or ``~/.cache/semssl/synthetic``)."""
+    (``root``; default ``<data root>/synthetic``: ``$SEMSSL_DATA_DIR/synthetic``, or ``~/.cache/semssl/synthetic``
+    when the variable is unset; :mod:`semssl.data.root`)."""
 
     root: Optional[str] = None
 
@@ -51,6 +53,9 @@ class DataConfig:
     """Where images come from and how views are made.
 
     ``train`` is a path (image folder, file list or COCO JSON) or ``synthetic`` (the built-in objects split).
+    Paths may start at the data root, ``$SEMSSL_DATA_DIR/<dataset>/...`` (expanded when the config is read, the
+    default root ``~/.cache/semssl`` included; :mod:`semssl.data.root`): the packaged recipes name their real
+    datasets so, and ``semssl data get <dataset>`` writes them there.
     ``eval_train`` / ``eval_test`` are labelled image folders for the kNN monitor and the final evaluation; with
     ``synthetic`` they default to the built-in objects' train/test folders. ``views`` are
     :class:`~semssl.data.views.ViewSpec` entries (name, size, crops, recipe, geometry, box augmentations);
@@ -242,7 +247,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
-            return value
+            return expand_data_root(value)  # $SEMSSL_DATA_DIR -> the data root (semssl.data.root)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semssl.data.regions import build_batch_transform
+from semssl.data.root import missing_dataset
 from semssl.data.sources import build_source
 from semssl.data.synthetic import synth_config
 from semssl.data.synthetic.build import ensure_synthetic
@@ -107,7 +108,8 @@ def build_collate(cfg: Any) -> Collate:
 def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
     """Concrete paths of the training and evaluation data; generates the built-in data when it is used.
 
-    ``synthetic`` = the built-in objects split; ``synthetic:scenes`` = its scenes (COCO JSON)."""
+    ``synthetic`` = the built-in objects split; ``synthetic:scenes`` = its scenes (COCO JSON). A path under the
+    data root that does not exist is a DataError of one line naming the key and ``semssl data get NAME``."""
     train, eval_train, eval_test = cfg.data.train, cfg.data.eval_train, cfg.data.eval_test
     uses_synth = train.startswith("synthetic") or any(
         p and p.startswith("synthetic") for p in (eval_train, eval_test))
@@ -127,7 +129,12 @@ def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
         train = alias.get(train, train)
         eval_train = alias.get(eval_train, eval_train) if eval_train else None
         eval_test = {"synthetic": str(root / "objects" / "test")}.get(eval_test, eval_test) if eval_test else None
-    return {"train": train, "eval_train": eval_train, "eval_test": eval_test}
+    paths = {"train": train, "eval_train": eval_train, "eval_test": eval_test}
+    for key, path in paths.items():
+        problem = missing_dataset(path, f"data.{key}") if path else None
+        if problem:
+            raise DataError(problem)
+    return paths
 
 
 def build_train_dataset(cfg: Any, path: str) -> ViewDataset:

@@ -39,9 +39,12 @@ Inputs (``--train`` / ``--test``):
   and stem under ``MASKS_DIR`` (single-channel ``L``/``P``/16-bit); images without a mask are skipped and
   counted (``skipped_no_mask``). E.g. coco128's semantic masks (0 = unlabeled: use ``--ignore-index 0``)::
 
+      D=${SEMSSL_DATA_DIR:-$HOME/.cache/semssl}/coco128      # the data root; semssl data get coco128
       semssl eval dense --checkpoint RUN --ignore-index 0 \\
-          --train ../shared/data/coco128/images/train2017:../shared/data/coco128/semantic_segmentation/masks/train2017 \\
-          --test ../shared/data/coco128/images/val2017:../shared/data/coco128/semantic_segmentation/masks/val2017
+          --train $D/images/train2017:$D/semantic_segmentation/masks/train2017 \\
+          --test $D/images/val2017:$D/semantic_segmentation/masks/val2017
+
+  (a quoted ``'$SEMSSL_DATA_DIR/...'`` works too: semssl expands it to the data root itself).
 
 ``--baselines`` also probes, with the same protocol, the random initialisation of the same architecture and
 seed (``random_init``: a run's method rebuilt from its config with the seed, as the pre-training's baseline;
@@ -558,7 +561,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=128, help="images and masks resized to SIZE x SIZE (default 128)")
     p.add_argument("--epochs", type=int, default=50, help="passes of the head over the training split (50)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the head (0.01, cosine to 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay of the head (default 0)")
     p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and scores "
                                                                  "(coco128 semantic masks: 0 = unlabeled)")
     p.add_argument("--class-map", help="merge mask values before probing: a JSON {raw: merged} or a COCO JSON whose "
@@ -568,7 +571,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random pixels per image in each step of the head's loss (default 1024; 0: all)")
     p.add_argument("--head-batch-size", type=int, default=0, help="images per head step (0: automatic)")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default 2)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the head's training (and of --random-init; a run's baselines use its own seed)")
     p.add_argument("--baselines", action="store_true",

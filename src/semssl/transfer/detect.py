@@ -179,11 +179,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "coco_1x_fpn": {"layout": "fpn", "task": "mask", "norm": "syncbn", "iterations": 90000, "batch_size": 16,
                     "lr": 0.02, "weight_decay": 1e-4, "warmup": 1000, "milestones": (60000 / 90000, 80000 / 90000),
                     "min_size": tuple(range(640, 801, 32)), "max_size": 1333, "trainable_stages": 5},
-    # Small: Faster R-CNN R18-FPN (boxes) on MSRC-v2 (../shared/data/msrc-v2: 414 train / 177 test photographs of
+    # Small: Faster R-CNN R18-FPN (boxes) on MSRC-v2 ($SEMSSL_DATA_DIR/msrc-v2: 414 train / 177 test photographs of
     # 320x213 or 320x240, 23 thing and stuff classes, one box per segment), at the images' own size (min 224,
     # max 320), batch 4, lr 0.02 x 4 / 16 = 0.005 (the linear scaling rule from the papers' 0.02 at 16), frozen
     # BN with stem and layer1 frozen, warm-up 50, steps at 75 % / 92 %.
-    #   --train ../shared/data/msrc-v2/instances_train.json --test ../shared/data/msrc-v2/instances_test.json
+    #   --train $SEMSSL_DATA_DIR/msrc-v2/instances_train.json --test $SEMSSL_DATA_DIR/msrc-v2/instances_test.json
     # Measured (2026-12-07, docs/results.md section 9): NOT within 15 minutes for the 32 px learning-check
     # backbones (width 16, small-input stem: no stride 4 in the stem, so the FPN maps are 4x denser per side):
     # 250 of the 300 iterations took 109 min (~26 s/iteration, one thread, the machine shared with one other run).
@@ -191,13 +191,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "msrc-v2_small": {"layout": "fpn", "task": "box", "norm": "frozen", "iterations": 300, "batch_size": 4,
                       "lr": 0.005, "weight_decay": 1e-4, "warmup": 50, "milestones": (0.75, 0.92),
                       "min_size": 224, "max_size": 320, "roi_batch_size": 128, "test_proposals": 300},
-    # Small: Faster R-CNN R18-FPN (boxes) on coco128 (../shared/data/coco128): train = the 128 train2017 images of
+    # Small: Faster R-CNN R18-FPN (boxes) on coco128 ($SEMSSL_DATA_DIR/coco128): train = the 128 train2017 images of
     # the original JSON (126 with annotations, 80 categories; images found by CocoSource in images/train2017),
     # test = the 128 val2017 images of the boxes-only JSON (its images folder, images/val2017, is not one
     # CocoSource's search tries: given as test_images).
-    #   --train ../shared/data/coco128/coco_json_train2017/instances_train2017.json
-    #   --test ../shared/data/coco128/coco_json_val2017/instances_val2017_boxes.json
-    #   --test-images ../shared/data/coco128/images/val2017
+    #   --train $SEMSSL_DATA_DIR/coco128/coco_json_train2017/instances_train2017.json
+    #   --test $SEMSSL_DATA_DIR/coco128/coco_json_val2017/instances_val2017_boxes.json
+    #   --test-images $SEMSSL_DATA_DIR/coco128/images/val2017
     # Time: not measured yet.
     "coco128_small": {"layout": "fpn", "task": "box", "norm": "frozen", "iterations": 300, "batch_size": 4,
                       "lr": 0.005, "weight_decay": 1e-4, "warmup": 50, "milestones": (0.75, 0.92),

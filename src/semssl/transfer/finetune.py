@@ -97,7 +97,7 @@ RECIPES: dict[str, FinetuneConfig] = {
     # batch 256 = 102 epochs of CIFAR's 50,000 images.
     "scfs-table5": FinetuneConfig(fraction=1.0, epochs=102, batch_size=256, lr_backbone=0.01, lr_head=0.01,
                                   weight_decay=1e-5, schedule="cosine", milestones=()),
-    # Small, for ../shared/data/cifar10-6k (5,000 / 1,000 images, 32 px) and the 32 px small-input learning-check
+    # Small, for $SEMSSL_DATA_DIR/cifar10-6k (5,000 / 1,000 images, 32 px) and the 32 px small-input learning-check
     # backbones: 10 % (500 images, 50 per class) or 1 % (50 images), batch 64 (32 for 1 %), at the images' own
     # 32 px. The SCD head/backbone lr split, scaled for a short run: head 0.1, backbone 0.01, wd 5e-4 (the labels
     # are few), cosine with a 5 % warm-up. Measured time: docs/results.md, "Transfer".

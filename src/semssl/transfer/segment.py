@@ -152,11 +152,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cityscapes_fcn": {"num_classes": 19, "ignore_index": 255, "head": "fcn", "output_stride": 8, "crop_size": 769,
                        "test_size": 0, "iterations": 40_000, "batch_size": 8, "lr": 0.01, "weight_decay": 5e-4,
                        "schedule": "poly", "aux_weight": 0.4, "norm": "syncbn"},
-    # Small, CPU: Stanford Background (../shared/data/stanford-background; 572 train / 143 val images, ~320x240,
+    # Small, CPU: Stanford Background ($SEMSSL_DATA_DIR/stanford-background; 572 train / 143 val images, ~320x240,
     # 8 classes, 15 = unknown), as the voc-aug recipe scaled down: output stride 8, FCN + aux 0.4, poly, lr 0.01,
     # wd 5e-4, ratio 0.5-2.0, plain BN (one process), 128 crop / 128 short side, batch 8.
-    #   --train ../shared/data/stanford-background/images:../shared/data/stanford-background/labels:\
-    #           ../shared/data/stanford-background/splits/train.txt   (--test: the same with splits/val.txt)
+    #   --train $SEMSSL_DATA_DIR/stanford-background/images:$SEMSSL_DATA_DIR/stanford-background/labels:\
+    #           $SEMSSL_DATA_DIR/stanford-background/splits/train.txt   (--test: the same with splits/val.txt)
     # Measured on this 2-core CPU (2 threads; the machine shared with other jobs, load average 5-7), ResNet-18
     # (width 64, standard stem) random init: 10 iterations in 20.2 s, then 30 in 138.3 s (2.0-4.6 s/iteration);
     # scan + start ~15 s; the 143 test images 36.1 s. Decision: 140 iterations (~2 epochs) = 11.6 min at the slow
@@ -165,10 +165,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                                   "crop_size": 128, "test_size": 128, "iterations": 140, "batch_size": 8,
                                   "lr": 0.01, "weight_decay": 5e-4, "schedule": "poly", "aux_weight": 0.4,
                                   "norm": "bn"},
-    # Small, CPU: MSRC-v2 (../shared/data/msrc-v2; 414 train / 177 test images, 320x213 / 320x240, 23 classes,
+    # Small, CPU: MSRC-v2 ($SEMSSL_DATA_DIR/msrc-v2; 414 train / 177 test images, 320x213 / 320x240, 23 classes,
     # 255 = void), the same scaled-down voc-aug setting as stanford-background_small.
-    #   --train ../shared/data/msrc-v2/images:../shared/data/msrc-v2/semantic:../shared/data/msrc-v2/train.txt
-    #   --test  ../shared/data/msrc-v2/images:../shared/data/msrc-v2/semantic:../shared/data/msrc-v2/test.txt
+    #   --train $SEMSSL_DATA_DIR/msrc-v2/images:$SEMSSL_DATA_DIR/msrc-v2/semantic:$SEMSSL_DATA_DIR/msrc-v2/train.txt
+    #   --test  $SEMSSL_DATA_DIR/msrc-v2/images:$SEMSSL_DATA_DIR/msrc-v2/semantic:$SEMSSL_DATA_DIR/msrc-v2/test.txt
     # Measured as stanford-background_small (load average ~5.8): 15 iterations in 82.9 s (5.5 s/iteration), the
     # 177 test images 41.8 s, scan + start ~15 s. Decision: 110 iterations (~2 epochs) = 11.0 min at that rate.
     "msrc-v2_small": {"num_classes": 23, "ignore_index": 255, "head": "fcn", "output_stride": 8, "crop_size": 128,

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=8, help="clusters of the on-the-fly k-means (default 8)")
     parser.add_argument("--stage", help="map clustered on the fly (default: dense if the model has it, else layer4)")
     parser.add_argument("--branch", help="online or teacher (default: the method's evaluated branch)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the on-the-fly k-means (default 0)")
     parser.add_argument("--out", default="clusters.png", help="PNG file to write (default clusters.png)")
 
 

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=3, help="number of images, >= 2 (default 3)")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--boxes", type=int, default=4, help="proposals per image augmented (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random augmentations (default 0)")
     parser.add_argument("--out", default="regions.png", help="PNG file to write (default regions.png)")
 
 

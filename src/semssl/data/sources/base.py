@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from semssl.data.root import data_root, dataset_of, missing_dataset
 from semssl.data.sources.decode import ImageDecodeError, load_image
 from semssl.errors import DataError
 
@@ -60,6 +61,9 @@ def _missing_path_error(path: Path, what: str) -> DataError:
         close = difflib.get_close_matches(probe.name, names, n=1, cutoff=0.6)
         if close:
             hint = f"; did you mean '{parent / close[0]}'?"
+    under_root = missing_dataset(path)  # under the data root: which dataset, and `semssl data get NAME`
+    if under_root and (not hint or not (data_root() / str(dataset_of(path))).is_dir()):
+        return DataError(f"{what} {under_root}")
     return DataError(f"{what} not found: '{path}'{hint}")
 
 

@@ -36,21 +36,22 @@ class names, file counts and :data:`GENERATOR_VERSION`) is written last; :func:`
 only when it is missing or differs.
 
 This package module is light (no OpenCV, no pycocotools): it holds :class:`SynthConfig`,
-:func:`default_root` and the generator constants. The rest lives in submodules: ``classes``
-(:data:`CLASS_NAMES`), ``shapes`` (shape geometry, colours, textures), ``render`` (drawing one image:
-:func:`~semssl.data.synthetic.render.render_object_sample`, ``render_scene``, ...) and ``build`` (writing
-the dataset: :func:`~semssl.data.synthetic.build.generate`, ``ensure_synthetic``, ``load_manifest``).
+:func:`default_root` (``<data root>/synthetic``, see :mod:`semssl.data.root`) and the generator constants. The
+rest lives in submodules: ``classes`` (:data:`CLASS_NAMES`), ``shapes`` (shape geometry, colours, textures),
+``render`` (drawing one image: :func:`~semssl.data.synthetic.render.render_object_sample`, ``render_scene``, ...)
+and ``build`` (writing the dataset: :func:`~semssl.data.synthetic.build.generate`, ``ensure_synthetic``,
+``load_manifest``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from semssl.data.root import data_root
 from semssl.data.synthetic.classes import CLASS_DEFS, CLASS_NAMES
 from semssl.errors import SynthConfigError, SyntheticDataError
 
@@ -134,6 +135,7 @@ def synth_config(cfg: Any) -> SynthConfig:
 
 
 def default_root() -> Path:
-    """``$SEMSSL_DATA_DIR`` if set, else ``~/.cache/semssl/synthetic``."""
-    env = os.environ.get("SEMSSL_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "semssl" / "synthetic"
+    """``<data root>/synthetic``: ``$SEMSSL_DATA_DIR/synthetic`` if the variable is set, else
+    ``~/.cache/semssl/synthetic``. The data root holds every dataset, this one included (the rule and its reason:
+    :mod:`semssl.data.root`)."""
+    return data_root() / "synthetic"
