@@ -314,16 +314,24 @@ def lr_schedule(optimizer: torch.optim.Optimizer, iterations: int, kind: str, wa
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def report(title: str, results: dict[str, dict[str, Any]], out: Optional[str | Path], extra: dict[str, Any],
+def report(title: str, results: dict[str, dict[str, Any]], out_dir: Optional[str | Path], extra: dict[str, Any],
            metrics: Sequence[str]) -> dict[str, Any]:
     """Print one table (a row per metric, a column per model: the checkpoint as ``value``, ``random_init`` beside
-    it with ``--compare random-init``) like ``semssl eval``, and write ``{model: result, ..., **extra}`` as JSON."""
+    it with ``--compare random-init``) like ``semssl eval``; return ``{model: result, ..., **extra}`` and, with
+    ``out_dir``, write it to ``<out_dir>/result.json`` (atomically)."""
     from semssl.eval.report import print_table
 
     columns = {name: {m: r.get(m) for m in metrics} for name, r in results.items()}
     payload = {**results, **extra}
-    print_table(title, columns, str(out) if out else None, _plain(payload))
+    print_table(title, columns, None, _plain(payload))
+    if out_dir is not None:
+        write_json(Path(out_dir) / "result.json", payload)
     return payload
+
+
+def source_name(source: BackboneSource) -> str:
+    """How a result names its backbone: ``random init`` or the checkpoint path."""
+    return "random init" if source.random_init else str(source.checkpoint)
 
 
 def write_json(path: Path, data: Any) -> None:

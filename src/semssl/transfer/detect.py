@@ -106,8 +106,8 @@ from semssl.transfer.common import (
     lr_schedule,
     random_like,
     report,
+    source_name,
     train_iterations,
-    write_json,
 )
 
 log = logging.getLogger("semssl.transfer")
@@ -725,7 +725,7 @@ def detect(source: BackboneSource, train: Optional[str] = None, test: Optional[s
                 "images": len(data.train_set)}
     results: dict[str, Any] = {}
     results["model"] = _run_one(source, data, cfg, seed, out, resume, workers, device, progress,
-                                {**identity, "source": _name(source)}, "detect")
+                                {**identity, "source": source_name(source)}, "detect")
     if compare_random_init:
         baseline = random_like(results["model"]["backbone"], seed)
         base_out = out / "random_init" if out else None
@@ -741,14 +741,8 @@ def detect(source: BackboneSource, train: Optional[str] = None, test: Optional[s
     info = results["model"]["backbone"]
     title = (f"detect: {'Mask' if cfg.task == 'mask' else 'Faster'} R-CNN {info['arch']}-{cfg.layout.upper()}, "
              f"{cfg.iterations} iterations")
-    payload = report(title, results, None, extra, metrics + ["iterations", "seconds"])
-    if out is not None:
-        write_json(out / "result.json", payload)
+    payload = report(title, results, out, extra, metrics + ["iterations", "seconds"])
     return payload
-
-
-def _name(source: BackboneSource) -> str:
-    return "random init" if source.random_init else str(source.checkpoint)
 
 
 def _check(cfg: DetectConfig) -> None:

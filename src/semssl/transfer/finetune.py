@@ -43,8 +43,8 @@ from semssl.transfer.common import (
     lr_schedule,
     random_like,
     report,
+    source_name,
     train_iterations,
-    write_json,
 )
 
 log = logging.getLogger("semssl.transfer")
@@ -298,7 +298,7 @@ def finetune(source: BackboneSource, train: str, test: str, recipe: Optional[str
              len(train_source), cfg.fraction, num_classes, len(test_set))
     results: dict[str, Any] = {}
     results["model"] = _run_one(source, train_set, test_set, num_classes, cfg, seed, out, resume, workers, device,
-                                progress, {**identity, "source": _name(source)}, "finetune")
+                                progress, {**identity, "source": source_name(source)}, "finetune")
     if compare_random_init:
         baseline = random_like(results["model"]["backbone"], seed)
         results["random_init"] = _run_one(baseline, train_set, test_set, num_classes, cfg, seed,
@@ -309,14 +309,8 @@ def finetune(source: BackboneSource, train: str, test: str, recipe: Optional[str
              "test": str(test), "subset": str(subset_path) if subset_path else None, "subset_size": len(indices),
              "seed": seed}
     title = f"finetune: {cfg.fraction:g} of the labels, {cfg.epochs} epochs"
-    payload = report(title, results, None, extra, ["top1", "top5", "iterations", "seconds"])
-    if out is not None:
-        write_json(out / "result.json", payload)
+    payload = report(title, results, out, extra, ["top1", "top5", "iterations", "seconds"])
     return payload
-
-
-def _name(source: BackboneSource) -> str:
-    return "random init" if source.random_init else str(source.checkpoint)
 
 
 def _check(cfg: FinetuneConfig) -> None:

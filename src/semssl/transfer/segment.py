@@ -93,8 +93,8 @@ from semssl.transfer.common import (
     lr_schedule,
     random_like,
     report,
+    source_name,
     train_iterations,
-    write_json,
 )
 
 log = logging.getLogger("semssl.transfer")
@@ -628,10 +628,6 @@ def _check(cfg: SegmentConfig) -> None:
         raise ConfigError("segment: " + "; ".join(problems))
 
 
-def _name(source: BackboneSource) -> str:
-    return "random init" if source.random_init else str(source.checkpoint)
-
-
 def segment(source: BackboneSource, train: str, test: str, num_classes: Optional[int] = None,
             ignore_index: Optional[int] = None, head: Optional[str] = None, output_stride: Optional[int] = None,
             crop_size: Optional[int] = None, test_size: Optional[int] = None, iterations: Optional[int] = None,
@@ -687,7 +683,7 @@ def segment(source: BackboneSource, train: str, test: str, num_classes: Optional
              cfg.num_classes, classes_from)
     results: dict[str, Any] = {}
     results["model"] = _run_one(source, train_set, test_set, test_sizes, cfg, cfg.num_classes, seed, out, resume,
-                                workers, device, progress, {**identity, "source": _name(source)}, "segment")
+                                workers, device, progress, {**identity, "source": source_name(source)}, "segment")
     if compare_random_init:
         baseline = random_like(results["model"]["backbone"], seed)
         sub = out / "random_init" if out is not None else None
@@ -701,7 +697,5 @@ def segment(source: BackboneSource, train: str, test: str, num_classes: Optional
              "skipped": {"train": train_data.skipped, "test": test_data.skipped}, "seed": seed}
     title = (f"segment: {cfg.head} on {results['model']['backbone']['arch']}, output stride {cfg.output_stride}, "
              f"{cfg.iterations} iterations, {cfg.num_classes} classes")
-    payload = report(title, results, None, extra, list(METRICS))
-    if out is not None:
-        write_json(out / "result.json", payload)
+    payload = report(title, results, out, extra, list(METRICS))
     return payload
