@@ -19,6 +19,12 @@ everything else is its own); the batch must divide each recipe's ``model.bn_spli
     .venv/bin/python benchmarks/method_step_ratio.py --recipes dino_resnet18_1x64-200it_synthetic \\
         scfs_resnet18_1x64-200it_synthetic --size 96 --batch 32      # 2 x 96 px + 6 x 48 px crops
 
+ViTs (``--arch vit_small``): the supervised step is the ViT's CLS token into a linear classifier; view sides must
+stay whole patches, so give them explicitly (the local view's scaled side is rarely a multiple of 16):
+
+    .venv/bin/python benchmarks/method_step_ratio.py --arch vit_small --size 96 --batch 16 --recipes \\
+        dino_vit-s16_8x32-200e_imagenet scfs_vit-s16_8x32-200e_imagenet data.views.1.size=32
+
 A recipe may carry its own overrides after ``@`` (``RECIPE@KEY=VALUE@KEY=VALUE``), so variants of one recipe
 compare in one run; ``--data`` feeds each recipe one real batch of its own training data (with geometry and
 boxes/proposals), which region methods (SoCo, D3SSL) need:
@@ -63,7 +69,8 @@ MIN_SIZE = 96
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", required=True, help="recipes; ratios are to the first one")
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", default="resnet18",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=96,
                    help=f"resolution of the first view in px, >= {MIN_SIZE} (default 96); other views keep their "
@@ -121,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not steps:
             first = batch["views"][cfg.data.views[0].name][: args.batch]
             steps["supervised"] = SupervisedStep(first, arch=args.arch, seed=args.seed,
-                                                 small_input=cfg.model.small_input, width=cfg.model.width)
+                                                 small_input=cfg.model.small_input, width=cfg.model.width,
+                                                 patch_size=cfg.model.patch_size, img_size=cfg.model.img_size)
         if recipe in steps:
             raise BenchError(f"--recipes: '{recipe}' is given twice")
         torch.manual_seed(args.seed)

@@ -9,6 +9,7 @@ strictly less information than this, so a level under the bar says the bar is ou
 
 * ``dense``: backbone -> 1x1 conv on the stage map -> bilinear upsampling to the image size, pixel-wise cross
   entropy (``--ignore-index`` ignored; ``--class-map`` merges the mask values first, as ``semssl eval dense``);
+  ``--output-stride 16|8`` trains the backbone dilated (a denser map for the head, the same weights' shapes);
 * ``objects``: backbone -> RoIAlign 7x7 of each selected ground-truth box on layer4, average-pooled
   (:func:`semssl.eval.objects.roi_features`, the O-KNN feature) -> linear classifier over the categories.
 
@@ -44,7 +45,7 @@ from semssl.eval.dense import (
     segmentation_source,
 )
 from semssl.eval.objects import SceneObjects, open_coco, roi_features
-from semssl.models.backbones import ResNetBackbone
+from semssl.models.backbones import ResNetBackbone, dilate_backbone
 
 
 def load_dense(args) -> tuple[Tensor, Tensor, int]:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--stage", default="layer4", help="dense: the stage the 1x1 head reads")
+    p.add_argument("--output-stride", type=int, default=0, choices=(0, 8, 16),
+                   help="dense: train the backbone dilated to this stride (the probe's --output-stride; the saved "
+                        "weights are the plain network's); 0: as built")
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--class-map", default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     backbone = ResNetBackbone(args.arch, width=args.width)
+    if args.output_stride:
+        dilate_backbone(backbone, args.output_stride)
     if args.task == "dense":
         images, masks, k = load_dense(args)
         head = nn.Conv2d(backbone.channels[args.stage], k, 1)

@@ -230,6 +230,7 @@ def test_disturbed_pass_sees_disturbed_queries_and_a_clean_memory_when_asked(tin
     for i in range(6):
         inside = box_mask(plain[i]["boxes"], 64, 64)
         assert torch.equal(seen[3][i][:, inside], seen[1][i][:, inside])
+        # measured 0.630-0.633 over the 6 images
         assert (seen[3][i][:, ~inside] != seen[1][i][:, ~inside]).float().mean() > 0.5
 
 

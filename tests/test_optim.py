@@ -176,6 +176,7 @@ def test_lars_reduces_a_simple_loss() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    # seed 3: 0.012
     assert losses[-1] < 0.05 * losses[0]
 
 

@@ -262,6 +262,7 @@ def test_depositioning_batch_transform_makes_x3_with_shifted_boxes_and_ids():
         others = [batch["views"]["x2"][o] for o in range(3) if o != r]
         from_other = torch.stack([(x3 == o).all(0) for o in others]).any(0)
         assert (from_source | from_other).all()
+        # measured 0.67-0.79 over the rows
         assert from_source[shifted].float().mean() > 0.3 and not from_source[~shifted].any()
         assert not from_other[~shifted].logical_not().any()
     with pytest.raises(SampleError):
@@ -316,8 +317,10 @@ def test_a_coloured_proposal_keeps_its_colour_through_views_and_region_augmentat
             assert is_red.all()  # the teacher's view: untouched
         elif view == "x3":  # pasted (red) or, where PRC cut the pasted mask, the other image's x2
             other = batch["views"]["x2"][1][:, ys, xs].reshape(3, -1).T
+            # measured 0.57
             assert (is_red | (pixels == other).all(1)).all() and is_red.float().mean() >= 0.4
         else:  # PRC: red or cut (mean colour), at most half cut
+            # measured 0.55 (x1) and 0.55 (x2s)
             assert (is_red | (pixels == fill).all(1)).all() and is_red.float().mean() >= 0.4
 
 

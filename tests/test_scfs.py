@@ -235,8 +235,8 @@ def test_stage_centers_are_fed_by_the_teacher_global_outputs_only() -> None:
 
 
 def test_scfs_total_by_hand() -> None:
-    """L = L_DINO + sum over layer2/3/4 of 1/2 (L_glob + L_loc) (METHODS.md §1.5c), every term written out here
-    from the networks' outputs: L_glob = 1/2 [CE(t_0, s_1) + CE(t_1, s_0)] on the stage heads' outputs of the
+    """L = L_DINO + sum over layer2/3/4 of 1/2 (L_glob + L_loc) (docs/methods/scfs.md §Losses), every term written out
+    here from the networks' outputs: L_glob = 1/2 [CE(t_0, s_1) + CE(t_1, s_0)] on the stage heads' outputs of the
     global crops (teacher centred with the stage center); L_loc = mean over local crops of CE(target_i, s_i),
     target_i = softmax(teacher head(A_i * F'_g0) / tau_t), not centred, A_i = the cosine of the pooled student
     map of local crop i with every position of the teacher's map of global crop 0."""

@@ -121,6 +121,7 @@ def test_main_object_area_and_small_distractors() -> None:
         assert all(c is None or 0 <= c < 12 for c in sample.distractor_classes)
         n_with += bool(sample.distractor_areas)
         n_without += not sample.distractor_areas
+    # measured 33 with, 15 without
     assert n_with >= 10 and n_without >= 5
 
 
@@ -156,8 +157,10 @@ def test_colour_is_not_a_class_cue() -> None:
     centroids = np.stack([x[train & (y == c)].mean(axis=0) for c in range(k)])
     pred = np.argmin(((x[~train, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = float((pred == y[~train]).mean())
+    # measured 0.087
     assert accuracy < 0.22, accuracy
     # Colour does vary per instance (so the near-chance result is not because all objects look alike).
+    # measured 64.0
     assert x.std(axis=0).min() > 25
 
 
@@ -219,6 +222,7 @@ def test_scenes_have_overlapping_objects() -> None:
             for b in range(a + 1, len(scene.masks)):
                 touching += bool((_dilate(scene.masks[a]) & scene.masks[b]).any())
     assert min(counts) >= 2 and max(counts) <= 6 and len(set(counts)) >= 3
+    # measured 67
     assert touching >= 5
 
 
@@ -327,6 +331,7 @@ def test_raw_pixels_and_texture_do_not_name_the_class(style: str) -> None:
     x = x - x[:n_train].mean(0)
     x = torch.nn.functional.normalize(x, dim=1)
     res = knn_evaluate(x[:n_train], y[:n_train], x[n_train:], y[n_train:], ks=(20,), temperature=0.07)
+    # measured 9.0 (plain) and 13.0 (cluttered)
     assert res["knn_top1"] < 25.0, res  # chance: 10 %
     textures: dict[int, set] = {}
     for i in range(120):

@@ -1,7 +1,7 @@
 """Measurement code behind ``benchmarks/``: step time as a ratio to a supervised step, whole-step FLOPs,
 data-pipeline throughput and the peak memory of a process tree.
 
-DESIGN.md "Quality bar / Fast": a method's step time is reported as a *ratio* to a supervised step on the same
+docs/design.md §Quality bar ("Fast"): a method's step time is reported as a *ratio* to a supervised step on the same
 backbone, batch and resolution, next to the ratio of their whole-step FLOPs. Ratios measured in one run, with
 the two steps interleaved (A B A B ...), cancel most of the noise of a shared machine; absolute times do not.
 
@@ -84,7 +84,8 @@ def data_batch(cfg: Any, batch_size: int) -> dict:
 
 
 class SupervisedStep:
-    """One supervised SGD step: ``ResNetBackbone`` + ``Linear(dim, num_classes)``, cross-entropy, SGD.
+    """One supervised SGD step: ``ResNetBackbone`` (or ``ViTBackbone``, CLS token) + ``Linear(dim, num_classes)``,
+    cross-entropy, SGD.
 
     The trunk is the one methods use (plain BatchNorm), on one view of the batch; ``channels_last`` should follow
     the method's ``model.channels_last`` so both steps use the same memory format. Decision: SGD with momentum
@@ -94,13 +95,17 @@ class SupervisedStep:
 
     def __init__(self, images: Tensor, arch: str = "resnet18", num_classes: int = 1000, small_input: bool = False,
                  lr: float = 0.1, weight_decay: float = 1e-4, seed: int = 0, channels_last: bool = False,
-                 width: int = 64) -> None:
+                 width: int = 64, patch_size: int = 16, img_size: int = 224) -> None:
         from semssl.models.backbones import ResNetBackbone
+        from semssl.models.vit import ViTBackbone, is_vit
 
         if num_classes < 2:
             raise BenchError(f"--num-classes must be >= 2, got {num_classes}")
         torch.manual_seed(seed)
-        self.backbone = ResNetBackbone(arch, small_input=small_input, width=width).train()
+        if is_vit(arch):  # a ViT's supervised step: the CLS token into the classifier (patch_size, img_size)
+            self.backbone = ViTBackbone(arch, patch_size=patch_size, img_size=img_size).train()
+        else:
+            self.backbone = ResNetBackbone(arch, small_input=small_input, width=width).train()
         self.classifier = nn.Linear(self.backbone.dim, num_classes)
         self.model = nn.ModuleDict({"backbone": self.backbone, "classifier": self.classifier})
         if channels_last:

@@ -4,7 +4,7 @@ Below the engine and the evaluations (no Lightning here), so evaluation drivers 
 without importing the training engine; :class:`semssl.engine.io.AtomicCheckpointIO` is the Lightning side.
 
 A checkpoint holds tensors and plain values only (the config as a plain dict, RNG states as tensors), so it can
-be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict``.
+be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict`` and a plain timm (or DINO) ViT ``state_dict``.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module,
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{file}: neither a semssl checkpoint nor a state_dict of tensors")
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    if "cls_token" in state:  # a plain ViT (timm's names, which are also DINO's)
+        return _load_vit(state, file, arch)
     arch = arch or _infer_arch(state, file)
     conv1 = state.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
@@ -133,7 +135,27 @@ def load_model(path: str | Path, arch: Optional[str] = None) -> tuple[nn.Module,
     return BackboneModel(backbone).eval(), info, None
 
 
+def _load_vit(state: dict, file: Path, arch: Optional[str]) -> tuple[nn.Module, dict, None]:
+    """A plain ViT ``state_dict`` (timm's ``VisionTransformer`` without head, or a DINO backbone): the size, patch
+    and native side read from its shapes (:func:`semssl.models.vit.vit_from_state_dict`), loaded strictly."""
+    from semssl.models.vit import vit_from_state_dict
+
+    trunk = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        backbone = vit_from_state_dict(trunk)
+        if arch is not None and backbone.arch != arch:
+            raise ValueError(f"a {backbone.arch} state_dict, but arch={arch} was asked for")
+        backbone.load_state_dict(trunk, strict=True)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: {err}") from err
+    info = {"source": str(file), "method": "timm", "default_branch": "online", "arch": backbone.arch,
+            "patch_size": backbone.patch_size, "img_size": backbone.img_size}
+    return BackboneModel(backbone).eval(), info, None
+
+
 def _infer_arch(state: dict, file: Path) -> str:
+    if "layer3.22.conv1.weight" in state:
+        return "resnet101"
     if "layer1.0.conv3.weight" in state:
         return "resnet50"
     if "layer3.2.conv1.weight" in state:

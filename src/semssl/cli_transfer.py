@@ -20,11 +20,12 @@ examples:
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
     """Which backbone a transfer command starts from (``semssl.transfer.BackboneSource``)."""
-    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
+    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet / timm ViT state_dict (.pth)")
     p.add_argument("--random-init", action="store_true", help="start from a random network instead of --checkpoint")
-    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
-                   help="depth of a state_dict (inferred if omitted; a checkpoint of another depth is an error) or "
-                        "of --random-init (default resnet50)")
+    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small",
+                                      "vit_base"],
+                   help="architecture of a state_dict (inferred if omitted; a checkpoint of another one is an error) "
+                        "or of --random-init (a ResNet; default resnet50)")
     p.add_argument("--width", type=int, default=64, help="--random-init only: ResNet base width (64 = torchvision's)")
     p.add_argument("--small-input", action="store_true", help="--random-init only: the 3x3/1 stem without max-pool")
     p.add_argument("--branch", choices=["online", "teacher"],
@@ -237,9 +238,9 @@ examples:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from semssl.transfer import export
-    from semssl.transfer.export import FORMATS
 
-    formats = [f for spec in (args.format or [",".join(FORMATS)]) for f in spec.split(",") if f.strip()]
+    # no --format: every format the backbone takes (a ViT: timm only)
+    formats = [f for spec in args.format for f in spec.split(",") if f.strip()] if args.format else None
     export(source_of(args), args.out, formats=formats, onnx_size=args.onnx_size, name=args.name)
     return 0
 
@@ -252,7 +253,7 @@ def _add_export(sub: Any, positive: Any) -> None:
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p)
     p.add_argument("--format", action="append",
-                   help=f"one of {', '.join(FORMATS)}, repeated or comma-separated (default: all four)")
+                   help=f"one of {', '.join(FORMATS)}, repeated or comma-separated (default: all four; a ViT: timm)")
     p.add_argument("--out", required=True, help="output folder of the files and the side JSON")
     p.add_argument("--name", help="the files' stem (default: the run's name)")
     p.add_argument("--onnx-size", type=positive(int, 8), default=224, help="ONNX input height and width")

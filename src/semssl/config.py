@@ -65,6 +65,7 @@ class DataConfig:
     """
 
     train: str = "synthetic"
+    train_root: Optional[str] = None  # a file-list train: the folder its relative entries start at (default: its own)
     eval_train: Optional[str] = None
     eval_test: Optional[str] = None
     batch_size: int = 64  # per device
@@ -84,9 +85,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone (see :mod:`semssl.models.backbones`)."""
+    """Backbone (see :mod:`semssl.models.backbones`): a ResNet, or a ViT (:mod:`semssl.models.vit`; for the
+    methods ``dino`` and ``scfs``) with ``patch_size``, ``img_size`` and ``drop_path``; the ResNet-only fields
+    (``small_input``, ``zero_init_residual``, ``norm``, ``bn_splits``, ``width``, ``channels_last``) must keep
+    their defaults with a ViT."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small", "vit_base"] = "resnet50"
+    patch_size: int = 16  # ViT only: patch side in pixels (every crop side a multiple of it)
+    img_size: int = 224  # ViT only: the side the position embeddings are made for (other sides interpolate)
+    drop_path: float = 0.0  # ViT only: stochastic-depth rate of the student (DINO's ViTs: 0.1)
     small_input: bool = False
     zero_init_residual: bool = False
     norm: Literal["bn", "gn", "frozen_bn"] = "bn"
@@ -312,6 +319,7 @@ def check_values(cfg: Config) -> None:
         faults.append(f"data.batch_size = {d.batch_size} is not divisible by model.bn_splits = {m.bn_splits}: "
                       f"use a multiple of {m.bn_splits}, or set model.bn_splits to a divisor of the batch")
     need(m.width >= 1, "model.width", m.width, "an integer >= 1 (64 = torchvision's ResNet)")
+    _check_vit(cfg, faults)
     number("optim.lr", o.lr, 0.0, low_open=True)
     number("optim.min_lr", o.min_lr)
     number("optim.warmup_start", o.warmup_start)
@@ -352,6 +360,40 @@ def check_values(cfg: Config) -> None:
     if faults:
         raise ConfigError("\n".join(faults) if len(faults) == 1 else
                           f"{len(faults)} invalid values:\n  " + "\n  ".join(faults))
+
+
+#: the methods a ViT backbone serves (they read only ``pooled`` and stages chosen by name)
+VIT_METHODS = ("dino", "scfs")
+
+
+def _check_vit(cfg: Config, faults: list[str]) -> None:
+    """The model fields that belong to one backbone family only (ModelConfig's docstring), and a ViT's image
+    sides: every view and ``data.eval_size`` a multiple of ``model.patch_size``."""
+    m, defaults = cfg.model, ModelConfig()
+    if not m.arch.startswith("vit_"):
+        for key in ("patch_size", "img_size", "drop_path"):
+            if getattr(m, key) != getattr(defaults, key):
+                faults.append(f"model.{key} = {getattr(m, key)!r}: a ViT setting, but model.arch is {m.arch}")
+        return
+    name = getattr(cfg.method, "name", "")
+    if name not in VIT_METHODS:
+        faults.append(f"model.arch = {m.arch!r}: ViT backbones serve the methods {list(VIT_METHODS)}, not '{name}' "
+                      f"(its heads read ResNet stage maps)")
+    for key in ("small_input", "zero_init_residual", "norm", "bn_splits", "width", "channels_last"):
+        if getattr(m, key) != getattr(defaults, key):
+            faults.append(f"model.{key} = {getattr(m, key)!r}: a ResNet setting; leave it at "
+                          f"{getattr(defaults, key)!r} with model.arch {m.arch}")
+    p = m.patch_size
+    if p < 1 or m.img_size < 1 or m.img_size % max(p, 1):
+        faults.append(f"model.img_size = {m.img_size}: must be a positive multiple of model.patch_size = {p}")
+        return
+    if not 0.0 <= m.drop_path < 1.0:
+        faults.append(f"model.drop_path = {m.drop_path!r}: must be in [0, 1)")
+    sides = [(f"data.views[{i}].size ({v.name})", v.size) for i, v in enumerate(cfg.data.views)]
+    for key, side in [*sides, ("data.eval_size", cfg.data.eval_size)]:
+        if side % p:
+            faults.append(f"{key} = {side}: not a multiple of model.patch_size = {p} (a ViT cuts images into "
+                          f"whole patches)")
 
 
 def _check_data(data: DataConfig) -> None:

@@ -1,7 +1,7 @@
 """Optimisers, parameter groups, learning-rate scaling and gradient clipping.
 
 The released codes set the learning rate and the weight decay by hand at every iteration from precomputed
-schedules (DINO/SCFS, METHODS.md §1.6 and §2) instead of using ``torch.optim.lr_scheduler``; so does semssl:
+schedules (DINO/SCFS, docs/methods/dino.md §Schedules) instead of using ``torch.optim.lr_scheduler``; so does semssl:
 the engine calls :func:`set_lr_wd` with the values of its :class:`~semssl.schedules.Schedule` objects
 before each ``optimizer.step()``.
 
@@ -76,7 +76,7 @@ def param_groups(
             is kept once, under its first name.
         weight_decay: weight decay of the regularised group.
         exclude_norm_and_bias: when False every parameter is regularised (MSF's BYOL-asym uses one group,
-            METHODS.md §3.4).
+            docs/methods/byol.md §Optimisation).
         lars_exclude: whether the no-decay group also skips the LARS trust ratio (SoCo, BYOL: yes).
 
     Returns:
@@ -130,7 +130,7 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose per-tensor gradient is rescaled by the LARS trust ratio (You et al., 2017).
 
     Per parameter tensor ``w`` with gradient ``g`` in a group with weight decay ``wd`` and learning rate ``lr``
-    (METHODS.md §5.1, SoCo ``contrast/lars.py``; BYOL's LARS does the same)::
+    (docs/methods/soco.md §Optimisation, SoCo ``contrast/lars.py``; BYOL's LARS does the same)::
 
         d = g + wd * w                                   # weight decay joins the gradient first
         if not group["lars_exclude"]:
@@ -284,10 +284,10 @@ def _prepared_group(group: dict[str, Any], lr: float, weight_decay: float, index
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference: int = 256) -> float:
-    """Linear scaling rule ``base_lr * global_batch / reference`` (DESIGN.md "Batch size"; Goyal et al. 2017).
+    """Linear scaling rule ``base_lr * global_batch / reference`` (docs/design.md §Batch size; Goyal et al. 2017).
 
-    ``global_batch`` is the per-device batch times the number of devices and nodes (METHODS.md §1.6: SCFS
-    0.1 x bs/256; §5.1: SoCo 1.0 x bs/256).
+    ``global_batch`` is the per-device batch times the number of devices and nodes (docs/methods/scfs.md §Schedules:
+    SCFS 0.1 x bs/256; docs/methods/soco.md: SoCo 1.0 x bs/256).
     """
     _check_number("base_lr", base_lr)
     for name, value in (("global_batch", global_batch), ("reference", reference)):
@@ -316,7 +316,7 @@ def clip_gradients(
 ) -> torch.Tensor:
     """Clip gradients in place and return their norms measured before clipping.
 
-    * ``per_param`` (DINO/SCFS, METHODS.md §1.6): every tensor's gradient is clipped on its own,
+    * ``per_param`` (DINO/SCFS, docs/methods/dino.md §Optimisation): every tensor's gradient is clipped on its own,
       ``g *= min(1, max_norm / (||g|| + 1e-6))``; returns a 1-D tensor with one norm per gradient.
     * ``global``: all gradients scaled by one factor from their joint norm (``torch.nn.utils.clip_grad_norm_``,
       same 1e-6); returns the total norm as a 0-d tensor.

@@ -1,10 +1,11 @@
 """Per-iteration schedules: learning rate, weight decay, EMA momentum, teacher temperature.
 
 A schedule here is an explicit array with one value per optimisation step (or per epoch), built once before
-training and indexed by progress — the style of DINO's ``utils.cosine_scheduler`` (METHODS.md §1.6, §2): you can
-print it, plot it and test it, and resuming at step ``s`` reads exactly the value a straight run would have read.
+training and indexed by progress — the style of DINO's ``utils.cosine_scheduler``
+(docs/methods/dino.md §Schedules): you can print it, plot it and test it, and resuming at step ``s`` reads exactly
+the value a straight run would have read.
 
-Conventions (DESIGN.md "Schedules"):
+Conventions (docs/design.md §Schedules):
 
 * Every length (warm-up, ramp, milestone) may be given in epochs or as a fraction of the run, so that a short
   run on this machine keeps the shape of the paper's schedule; see :func:`resolve_length`.
@@ -13,15 +14,17 @@ Conventions (DESIGN.md "Schedules"):
 
 The released codes' schedules map onto the builders below as follows:
 
-* DINO / SCFS lr: ``cosine_schedule(lr, min_lr, K, warmup_steps=10 ep, warmup_start=0)`` (§1.6, §2).
+* DINO / SCFS lr: ``cosine_schedule(lr, min_lr, K, warmup_steps=10 ep, warmup_start=0)``
+  (docs/methods/dino.md §Schedules).
 * DINO / SCFS / BYOL / SoCo EMA momentum: ``cosine_schedule(m0, 1.0, K)`` — DINO's ``cosine_scheduler(m0, 1,
   ...)``; at every step ``k = 0..K-1`` it equals BYOL's and SoCo's ``1 - (1 - m0)(cos(pi k / K) + 1) / 2``
-  (§5.1), the value for ``k = K`` is never applied. It is the only EMA cosine in semssl
+  (docs/methods/soco.md), the value for ``k = K`` is never applied. It is the only EMA cosine in semssl
   (``Method.schedules`` declares it, the engine builds it).
-* DINO / SCFS teacher temperature: per-epoch ``linear_then_constant(0.04, 0.07, 50, epochs)`` (§1.6).
+* DINO / SCFS teacher temperature: per-epoch ``linear_then_constant(0.04, 0.07, 50, epochs)``
+  (docs/methods/scfs.md §Schedules).
 * MoCo-v2 ``--cos``: per-epoch ``cosine_schedule(lr, 0, epochs)`` — MoCo's ``0.5 (1 + cos(pi e / E))`` is exactly
-  DINO's formula with ``n = E`` (§3.4).
-* SoCo lr: ``cosine_schedule(lr, 1e-6, K, warmup_steps=10 ep, warmup_start=lr / 100)`` (§5.1). SoCo's
+  DINO's formula with ``n = E`` (docs/methods/mocov2.md §Schedules).
+* SoCo lr: ``cosine_schedule(lr, 1e-6, K, warmup_steps=10 ep, warmup_start=lr / 100)`` (docs/methods/soco.md). SoCo's
   ``GradualWarmupScheduler`` reaches the peak one iteration later than DINO's ``linspace`` warm-up; we keep the
   DINO convention for every method (a one-iteration offset at the end of warm-up, nothing else).
 """
@@ -229,10 +232,11 @@ def step_schedule(
 ) -> np.ndarray:
     """Piecewise-constant decay: ``values[i] = base * gamma ** (number of milestones m with m <= i)``.
 
-    This is MoCo's ``lr *= 0.1 if epoch >= milestone`` (linear probe steps at 60/80, METHODS.md §3.4) and
-    PyTorch's ``MultiStepLR``. Milestones are absolute positions from the start of the run, strictly
-    increasing and inside ``[0, total_steps)`` — a milestone past the end would silently do nothing, so it is
-    rejected (usually a recipe whose epochs were shortened without converting its milestones to fractions).
+    This is MoCo's ``lr *= 0.1 if epoch >= milestone`` (linear probe steps at 60/80,
+    docs/methods/mocov2.md §Linear protocol) and PyTorch's ``MultiStepLR``. Milestones are absolute positions
+    from the start of the run, strictly increasing and inside ``[0, total_steps)`` — a milestone past the end would
+    silently do nothing, so it is rejected (usually a recipe whose epochs were shortened without converting its
+    milestones to fractions).
     """
     _check_finite("base", base)
     _check_finite("gamma", gamma)
@@ -258,7 +262,8 @@ def constant_schedule(value: float, total_steps: int) -> np.ndarray:
 
 def linear_then_constant(start: float, end: float, ramp_steps: int, total_steps: int) -> np.ndarray:
     """``linspace(start, end, ramp_steps)`` then ``end`` — DINO/SCFS teacher temperature (0.04 -> 0.07 over 50
-    epochs, looked up per epoch; METHODS.md §1.6). The last ramp entry already equals ``end``, as in DINO.
+    epochs, looked up per epoch; docs/methods/scfs.md §Schedules). The last ramp entry already equals ``end``, as
+    in DINO.
     """
     _check_finite("start", start)
     _check_finite("end", end)

@@ -3,19 +3,19 @@
 Every recipe is *photometric only* (colour jitter, grayscale, Gaussian blur, solarisation); geometry
 (RandomResizedCrop, flip) lives in :mod:`semssl.data.views`, which records it.  The parameters of all
 recipes sit in one table, :data:`RECIPES`, so they can be read at a glance and checked by tests against
-METHODS.md:
+the method notes (docs/methods/):
 
 =============  ======================  ========  =========  ======  ==========  =========================
-recipe         jitter (b, c, s, h)     jitter p  grayscale  blur p  solarize p  source (METHODS.md)
+recipe         jitter (b, c, s, h)     jitter p  grayscale  blur p  solarize p  source (docs/methods/)
 =============  ======================  ========  =========  ======  ==========  =========================
-mocov2         (0.4, 0.4, 0.4, 0.1)    0.8       0.2        0.5     0.0         §3.4 MoCo-v2 aug-plus
+mocov2         (0.4, 0.4, 0.4, 0.1)    0.8       0.2        0.5     0.0         mocov2.md §Augmentations
 mocov2_colour  (0.4, 0.4, 0.8, 0.5)    0.8       0.5        0.5     0.0         (project) main job, below
-byol_view1     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         §3.3 / §3.4 BYOL view 1
-byol_view2     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.1     0.2         §3.3 / §3.4 BYOL view 2
-dino_global1   (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         §1.7 DINO global crop 1
-dino_global2   (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.1     0.2         §1.7 DINO global crop 2
-dino_local     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.5     0.0         §1.7 DINO local crops
-weak           —                       0         0          0       0           §3.4 MSF weak view
+byol_view1     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         byol.md §Augmentations
+byol_view2     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.1     0.2         byol.md §Augmentations
+dino_global1   (0.4, 0.4, 0.2, 0.1)    0.8       0.2        1.0     0.0         dino.md §Augmentations
+dino_global2   (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.1     0.2         dino.md §Augmentations
+dino_local     (0.4, 0.4, 0.2, 0.1)    0.8       0.2        0.5     0.0         dino.md §Augmentations
+weak           —                       0         0          0       0           byol.md §Augmentations
 none           —                       0         0          0       0           identity
 =============  ======================  ========  =========  ======  ==========  =========================
 
@@ -136,7 +136,7 @@ _BYOL_DINO_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, 
 RECIPES: dict[str, PhotometricRecipe] = {
     "mocov2": PhotometricRecipe(
         brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
-        source="METHODS.md §3.4: moco@132aea9 main_moco.py aug-plus",
+        source="docs/methods/mocov2.md §Augmentations: moco@132aea9 aug-plus",
     ),
     "mocov2_colour": PhotometricRecipe(
         brightness=0.4, contrast=0.4, saturation=0.8, hue=0.5, jitter_p=0.8, grayscale_p=0.5, blur_p=0.5,
@@ -144,25 +144,25 @@ RECIPES: dict[str, PhotometricRecipe] = {
     ),
     "byol_view1": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=1.0, solarize_p=0.0,
-        source="METHODS.md §3.3-3.4: BYOL view 1 (LEWEL data/transforms.py, MSF strong view)",
+        source="docs/methods/byol.md §Augmentations: BYOL view 1 (LEWEL, MSF strong view)",
     ),
     "byol_view2": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=0.1, solarize_p=0.2,
-        source="METHODS.md §3.3-3.4: BYOL view 2",
+        source="docs/methods/byol.md §Augmentations: BYOL view 2",
     ),
     "dino_global1": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=1.0, solarize_p=0.0,
-        source="METHODS.md §1.7: DINO DataAugmentationDINO global crop 1",
+        source="docs/methods/dino.md §Augmentations: DINO global crop 1",
     ),
     "dino_global2": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=0.1, solarize_p=0.2,
-        source="METHODS.md §1.7: DINO DataAugmentationDINO global crop 2",
+        source="docs/methods/dino.md §Augmentations: DINO global crop 2",
     ),
     "dino_local": PhotometricRecipe(
         **_BYOL_DINO_JITTER, blur_p=0.5, solarize_p=0.0,
-        source="METHODS.md §1.7: DINO DataAugmentationDINO local crops",
+        source="docs/methods/dino.md §Augmentations: DINO local crops",
     ),
-    "weak": PhotometricRecipe(source="METHODS.md §3.4: MSF weak view = RandomResizedCrop + flip only"),
+    "weak": PhotometricRecipe(source="docs/methods/byol.md §Augmentations: MSF weak view = crop + flip only"),
     "none": PhotometricRecipe(source="identity"),
 }
 """All named photometric recipes (see the module docstring for the table)."""
@@ -405,7 +405,7 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
 
 
 def eval_transform(size: int, resize_ratio: float = 256 / 224, interpolation: str = "bicubic") -> v2.Compose:
-    """Evaluation preprocessing of DINO/MoCo kNN and linear protocols (METHODS.md §1.8, §2).
+    """Evaluation preprocessing of DINO/MoCo kNN and linear protocols (docs/methods/dino.md §Evaluation).
 
     Resize the shorter side to ``round(size * resize_ratio)`` (256 for 224), centre-crop ``size``, convert to
     float and normalise with ImageNet mean/std.  Accepts PIL images or uint8/float tensors.

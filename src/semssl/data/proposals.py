@@ -1,6 +1,6 @@
 """Unsupervised region proposals: SoCo's selective search and filters, computed once per dataset and cached.
 
-**Algorithm** (METHODS.md §5.1 "Selective search and proposal filtering", DESIGN.md "Selective search"):
+**Algorithm** (docs/methods/soco.md §Selective search, §Proposal filters; docs/design.md §Selective search):
 OpenCV contrib's ``ximgproc.segmentation`` selective search configured as SoCo's *single strategy* — one graph
 segmentation (Felzenszwalb: k = 300, sigma = 0.9, min size = 100) of the image in HSV, hierarchical grouping
 with one combined strategy (colour + texture + size + fill similarities, equal weights). It is assembled
@@ -19,7 +19,7 @@ sorted (by x1, y1, x2, y2): a proposal's id (its index in the image's list) is r
 
 Decision: ``min_side`` is 32 px *at a 224 px image* and scales with the image's geometric-mean side,
 ``min_side_px = 32 * sqrt(W H) / 224`` (``reference_size=224``), so small images (the built-in 128 px scenes)
-keep proposals (DESIGN.md "Selective search"); ``reference_size=None`` is SoCo's absolute 32 px.
+keep proposals (docs/design.md §Selective search); ``reference_size=None`` is SoCo's absolute 32 px.
 Boxes are continuous xyxy pixels (a rectangle of ``w`` pixel columns from ``x`` is ``[x, x + w)``), the
 convention of :mod:`semssl.data.views` — SoCo's inclusive ``x2 = x + w - 1`` is not used.
 
@@ -100,7 +100,8 @@ _FALLBACK_LEVELS = ("all filters", "aspect only", "min side only", "whole image"
 # ------------------------------------------------------------------------------------------------ parameters
 @dataclass(frozen=True)
 class ProposalParams:
-    """Selective search and filter settings (defaults: SoCo, METHODS.md §5.1; see the module docstring).
+    """Selective search and filter settings (defaults: SoCo, docs/methods/soco.md §Proposal filters; see the
+    module docstring).
 
     ``k``/``sigma``/``min_size``: the graph segmentation; ``min_side``: the side filter in pixels at a
     ``reference_size`` px image (None = absolute pixels, SoCo as released); ``max_aspect``: the aspect filter;
@@ -589,7 +590,7 @@ def _summary(path: Path, entries: list[dict], computed: int, seconds: float) -> 
 class SourceProposals:
     """The proposals a source attaches to its samples: ``source_proposals[index]`` for a decoded image of size
     ``(W, H)`` is a float32 ``[N, 4]`` tensor of xyxy source pixels, or the whole image ``[[0, 0, W, H]]`` when
-    the image has no proposal (SoCo's load-time fallback, METHODS.md §5.1).
+    the image has no proposal (SoCo's load-time fallback, docs/methods/soco.md §Proposal filters).
 
     ``mode``: ``True`` / ``"auto"`` computes a missing or stale cache (logged), ``"require"`` raises a DataError
     instead (e.g. for a run that must not start a long computation). A decoded size that differs from the one

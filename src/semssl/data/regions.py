@@ -5,11 +5,11 @@ in :mod:`semssl.data.views`), so it depends on no geometry between views: :mod:`
 into each view and then calls these pieces.
 
 * box helpers: :func:`clip_boxes`, :func:`box_area`, :func:`boxes_to_mask`, :data:`MIN_VALID_BOX_AREA`;
-* SoCo's proposal sampling (METHODS.md §5.1 "Views and box sampling (C4 variant)"): the :class:`RegionSampling`
+* SoCo's proposal sampling (docs/methods/soco.md §Box sampling): the :class:`RegionSampling`
   settings that :class:`semssl.data.views.MultiViewTransform` applies, and :func:`select_regions`;
 * box-aware augmentations, pure functions on tensors: :func:`box_cutout` (SoCo's ``RandomCutoutInBbox``,
-  METHODS.md §5.1) and :func:`box_jitter` (SoCo's FPN jitter, METHODS.md §5.1; D3SSL's RBJ with ``grow=False``,
-  METHODS.md §5.2);
+  docs/methods/soco.md §Box cutout) and :func:`box_jitter` (SoCo's FPN jitter, docs/methods/soco.md §Box jitter;
+  D3SSL's RBJ with ``grow=False``, docs/methods/d3ssl.md §RBJ);
 * batch transforms — augmentations that mix the images of a batch, run after collation by
   :class:`semssl.data.views.Collate` with a generator seeded from the samples: the :class:`BatchTransform`
   protocol, :func:`register_batch_transform` / :func:`build_batch_transform`, and one example,
@@ -111,7 +111,7 @@ def boxes_to_mask(
 # ------------------------------------------------------------------------------------------- proposal sampling
 @dataclass
 class RegionSampling:
-    """SoCo's proposal sampling (METHODS.md §5.1 "Views and box sampling (C4 variant)"), applied by
+    """SoCo's proposal sampling (docs/methods/soco.md §Box sampling), applied by
     :class:`semssl.data.views.MultiViewTransform` to samples that carry ``"proposals"``.
 
     * **Visibility** (decision): a proposal is visible in a view when its clipped area in *every* crop of that
@@ -127,10 +127,11 @@ class RegionSampling:
       ascending id order; with ``pad`` the list is then padded to exactly ``k`` by duplicating proposals drawn at
       random (with replacement) from the selected ones, which are all visible in both views — the duplicate
       keeps its id (SoCo's ``pad_bboxs_with_common``), so a correspondence by id counts it several times.
-    * **Fallbacks** (SoCo, METHODS.md §5.1): an image with no proposal at all gets the whole source image as its
-      single proposal (id 0).  Decision: when proposals exist but none is visible in both views after all
-      draws, the whole source image is appended as one more proposal (id = number of proposals), rather than
-      SoCo's "whole view" box per view, so the fallback covers the same pixels in every view.
+    * **Fallbacks** (SoCo, docs/methods/soco.md §Proposal filters): an image with no proposal at all gets the
+      whole source image as its single proposal (id 0).  Decision: when proposals exist but none is visible in
+      both views after all draws, the whole source image is appended as one more proposal (id = number of
+      proposals), rather than SoCo's "whole view" box per view, so the fallback covers the same pixels in every
+      view.
 
     Every view of the transform then carries the same selected proposals (validity per view and crop), so
     ``proposal_ids`` are identical across views.
@@ -180,8 +181,8 @@ def select_regions(
 ) -> torch.Tensor:
     """Indices of ``k`` of the True entries of ``candidates`` ``[N]`` (bool), chosen at random without
     replacement and sorted (all of them, if fewer); with ``pad``, padded to exactly ``k`` by duplicates drawn at
-    random from the chosen ones (METHODS.md §5.1).  Returns int64 ``[k]`` (or fewer without ``pad``), empty when
-    there is no candidate."""
+    random from the chosen ones (docs/methods/soco.md §Box sampling).  Returns int64 ``[k]`` (or fewer without
+    ``pad``), empty when there is no candidate."""
     idx = torch.as_tensor(candidates, dtype=torch.bool).flatten().nonzero().flatten()
     if idx.numel() == 0:
         return idx
@@ -218,9 +219,9 @@ def box_cutout(
     fill: float | Sequence[float] = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """SoCo's ``RandomCutoutInBbox`` (METHODS.md §5.1): for each valid box, with probability ``p``, a square of
-    area ``U(area) x box area`` centred at a uniform random point inside the box is set to ``fill`` (clipped to
-    the image).  Returns a new image; ``image`` ``[C, H, W]`` is not modified.
+    """SoCo's ``RandomCutoutInBbox`` (docs/methods/soco.md §Box cutout): for each valid box, with probability
+    ``p``, a square of area ``U(area) x box area`` centred at a uniform random point inside the box is set to
+    ``fill`` (clipped to the image).  Returns a new image; ``image`` ``[C, H, W]`` is not modified.
 
     ``fill`` is 0 for a normalised view (SoCo zeroes the normalised tensor, i.e. paints the mean colour);
     :class:`semssl.data.views.MultiViewTransform` passes the ImageNet mean in 0..255 for uint8 views, the same
@@ -268,11 +269,12 @@ def box_jitter(
     """Box jitter: each valid box, with probability ``p``, has its centre moved by ``U(-r, r) x (w, h)`` and its
     width and height scaled by ``1 + U(-r, r)``, then is clipped to the view (``r = max_ratio``).
 
-    SoCo's FPN jitter (METHODS.md §5.1, p 0.5, r 0.1) draws the same four numbers but offsets the top-left corner;
-    decision: the centre is offset, so a jitter with no scale change is a pure shift.  ``grow=False`` draws the
-    scales from ``U(-r, 0)``, so the jittered box is never larger than the original in either side — D3SSL's RBJ
-    (METHODS.md §5.2: "constrained so the jittered box is never larger than the original").  Four numbers plus one
-    are drawn per box whether or not it is valid.  Returns new float boxes ``[P, 4]``; invalid boxes are unchanged.
+    SoCo's FPN jitter (docs/methods/soco.md §Box jitter, p 0.5, r 0.1) draws the same four numbers but offsets
+    the top-left corner; decision: the centre is offset, so a jitter with no scale change is a pure shift.
+    ``grow=False`` draws the scales from ``U(-r, 0)``, so the jittered box is never larger than the original in
+    either side — D3SSL's RBJ (docs/methods/d3ssl.md §RBJ: "never larger than the original").  Four numbers plus
+    one are drawn per box whether or not it is valid.  Returns new float boxes ``[P, 4]``; invalid boxes are
+    unchanged.
     """
     valid = _default_valid(boxes, valid)
     _check_probability(p, "box_jitter")
@@ -296,7 +298,7 @@ def box_jitter(
 
 # ------------------------------------------------------------------------------------------- batch transforms
 class BatchTransform(Protocol):
-    """An augmentation over a whole collated batch (the Batch dict of DESIGN.md "Key abstractions").
+    """An augmentation over a whole collated batch (the Batch dict of docs/design.md §Batch).
 
     It returns a batch with the same keys and shapes (a new dict; tensors it changes are new tensors, the input
     batch is left as it was), and draws all its randomness from ``generator``, which
@@ -345,15 +347,17 @@ def build_batch_transform(name: str, **kwargs: Any) -> BatchTransform:
 class ShuffleBackgrounds:
     """Background swap: in each listed view, with probability ``p`` per image, every pixel outside the image's
     valid regions is replaced by the pixel at the same place in another image of the batch (same view, same
-    crop), so the regions are seen on a foreign background — the "disturbed" context of DESIGN.md's disturbed
-    O-KNN, used as an augmentation (the context-decoupling idea of D3SSL, METHODS.md §5.2).
+    crop), so the regions are seen on a foreign background — the "disturbed" context of the disturbed
+    O-KNN of docs/design.md §O-KNN, used as an augmentation (the context-decoupling idea of D3SSL,
+    docs/methods/d3ssl.md §De-coupling).
 
     ``regions``: ``"proposals"``, ``"boxes"`` or ``"auto"`` (proposals when the batch has them, else boxes).
     ``views``: the view names to change (empty = every view).  Decisions: the other image is ``(b + s) mod B``
     with one random shift ``s`` in ``[1, B)`` per view (a derangement, never the image itself; the same for all
-    crops of the view); its own objects come along (the background is a whole other image, as DESIGN.md's
-    de-positioning background); a batch of one image, or a view with no regions, is left unchanged; regions
-    and ids are unchanged, and images with no valid region are entirely replaced (when drawn).
+    crops of the view); its own objects come along (the background is a whole other image, as the
+    de-positioning background of docs/design.md §D3SSL); a batch of one image, or a view with no regions, is
+    left unchanged; regions and ids are unchanged, and images with no valid region are entirely replaced (when
+    drawn).
     """
 
     views: tuple[str, ...] = ()
@@ -401,11 +405,11 @@ def _is_int(value: Any) -> bool:
 
 
 # ================================================================================================================
-# D3SSL's region augmentations (METHODS.md §5.2, §5.4; DESIGN.md "Decisions" -> D3SSL): PRC, PRM, the
-# de-positioning composite, and their batch transforms. Pure functions on one image ``[C, H, W]`` and its boxes
-# ``[P, 4]`` (view pixels, continuous xyxy) with an explicit ``generator``; a pixel belongs to a box or rectangle
-# when its centre does (:func:`boxes_to_mask`). RBJ is :func:`box_jitter` with ``grow=False`` (ViewSpec
-# ``box_jitter_grow: false``).
+# D3SSL's region augmentations (docs/methods/d3ssl.md §Region augmentations, §Successor code;
+# docs/design.md §D3SSL): PRC, PRM, the de-positioning composite, and their batch transforms. Pure functions on
+# one image ``[C, H, W]`` and its boxes ``[P, 4]`` (view pixels, continuous xyxy) with an explicit ``generator``;
+# a pixel belongs to a box or rectangle when its centre does (:func:`boxes_to_mask`). RBJ is :func:`box_jitter`
+# with ``grow=False`` (ViewSpec ``box_jitter_grow: false``).
 # ================================================================================================================
 __all__ += [
     "prc_mask",
@@ -454,15 +458,16 @@ def prc_mask(
     area: tuple[float, float] = (0.2, 0.5),
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """PRC, proposal-based random cutout (D3SSL §4.1; METHODS.md §5.2, §5.4): the cut-out pixels ``[H, W]``
-    (bool) for the valid ``boxes`` ``[P, 4]``, and a trace for inspection.
+    """PRC, proposal-based random cutout (D3SSL §4.1; docs/methods/d3ssl.md §PRC, §Successor code): the cut-out
+    pixels ``[H, W]`` (bool) for the valid ``boxes`` ``[P, 4]``, and a trace for inspection.
 
     Boxes are processed **from large to small** (pixel area, ties by index).  A box covers the ``w x h`` pixels
     whose centres it contains.  For box ``i`` with its ratio ``r_i ~ U(area)``: ``r_cur`` = fraction of its
     pixels already cut by larger boxes' cut-outs; if ``r_cur > r_i`` (the box is over-cut: the threshold is its
-    own ratio, as in the authors' later ``RCC`` routine, METHODS.md §5.4) its pixels are **restored** and
-    ``r_cur = 0``; then a rectangle with the **box's aspect ratio** and at most ``(r_i - r_cur) w h`` pixels —
-    sides ``floor(sqrt(r_i - r_cur) * (w, h))`` — is cut at a uniform random pixel position inside the box.
+    own ratio, as in the authors' later ``RCC``, docs/methods/d3ssl.md §Successor code) its pixels are
+    **restored** and ``r_cur = 0``; then a rectangle with the **box's aspect ratio** and at most
+    ``(r_i - r_cur) w h`` pixels — sides ``floor(sqrt(r_i - r_cur) * (w, h))`` — is cut at a uniform random pixel
+    position inside the box.
 
     Bound: right after its own turn a box has at most ``r_i <= area[1]`` of its pixels cut (exactly, in
     pixels); a smaller box processed later can add cut pixels inside a larger one only within its own cut
@@ -529,9 +534,9 @@ def prm_mask(
     aspect: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """PRM, proposal-based random mask (D3SSL §4.1; METHODS.md §5.2; DESIGN.md "D3SSL"): the pixels ``[H, W]``
-    (bool) that stay **visible** — every valid box, plus for each box a few rectangles of its surroundings on
-    random sides; the caller masks every other pixel.  Returns ``(visible, trace)``.
+    """PRM, proposal-based random mask (D3SSL §4.1; docs/methods/d3ssl.md §PRM; docs/design.md §D3SSL): the
+    pixels ``[H, W]`` (bool) that stay **visible** — every valid box, plus for each box a few rectangles of its
+    surroundings on random sides; the caller masks every other pixel.  Returns ``(visible, trace)``.
 
     The exact geometry (the paper gives only the ranges; decision, documented here):
 
@@ -783,7 +788,8 @@ def _per_row(batch: dict, views: tuple[str, ...], regions: str, p: float, what: 
 @register_batch_transform("depositioning")
 @dataclass
 class Depositioning:
-    """Batch transform ``depositioning``: D3SSL's de-positioning view (Eqs. 6-8, METHODS.md §5.2) as a new view.
+    """Batch transform ``depositioning``: D3SSL's de-positioning view as a new view (Eqs. 6-8,
+    docs/methods/d3ssl.md §De-positioning).
 
     For every row ``r`` of view ``source`` (``x2``): a common integer shift ``t`` of all its valid proposals
     (:func:`depositioning_offset`), the foreground (union of its proposals) pasted at the shifted place onto the
@@ -792,11 +798,11 @@ class Depositioning:
     the same ``proposal_ids`` and ``proposal_valid`` as ``source``, and ``geometry[out]`` = the crop of ``source``
     translated by ``-t`` (exact for the pasted pixels, not for the background).
 
-    Decisions: the background image (unspecified in the paper) is **another image of the batch** (DESIGN.md),
-    in its ``source`` view, un-augmented: row ``r`` takes row ``(b + s_b) mod B`` of the same crop with
-    ``s_b ~ U{1..B-1}`` drawn per image (never itself; a batch of one image is its own background).  Ground-truth
-    ``boxes`` present in the batch are shifted too but marked invalid in ``out`` (only proposals' pixels are
-    pasted) and their masks are empty.  Run it before any transform that changes ``source``.
+    Decisions: the background image (unspecified in the paper) is **another image of the batch**
+    (docs/design.md §D3SSL), in its ``source`` view, un-augmented: row ``r`` takes row ``(b + s_b) mod B`` of the
+    same crop with ``s_b ~ U{1..B-1}`` drawn per image (never itself; a batch of one image is its own background).
+    Ground-truth ``boxes`` present in the batch are shifted too but marked invalid in ``out`` (only proposals' pixels
+    are pasted) and their masks are empty.  Run it before any transform that changes ``source``.
     """
 
     source: str = "x2"

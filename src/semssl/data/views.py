@@ -1,12 +1,12 @@
 """Multi-view / multi-crop sampling that records each crop's geometry, and the Batch collate.
 
 A :class:`MultiViewTransform` turns one source sample (``{"image": PIL RGB, "label", "index", optional
-"boxes", "box_labels", "masks", "proposals", "seed"}``) into several named views (DESIGN.md "Key abstractions",
+"boxes", "box_labels", "masks", "proposals", "seed"}``) into several named views (docs/design.md §Batch,
 the Batch contract):
 
 * every crop is a RandomResizedCrop (torchvision's sampling algorithm, ``v2.RandomResizedCrop.make_params``,
-  with the spec's scale/ratio) or the whole image (SoCo view 1, METHODS.md §5.1: resized to a square, aspect
-  not kept), followed by a horizontal flip with probability ``flip_p``, applied with
+  with the spec's scale/ratio) or the whole image (SoCo view 1, docs/methods/soco.md §Views: resized to a
+  square, aspect not kept), followed by a horizontal flip with probability ``flip_p``, applied with
   ``torchvision.transforms.v2.functional`` to the image, to the boxes and proposals
   (``tv_tensors.BoundingBoxes``) and to the instance masks; then the crop's photometric recipe
   (:mod:`semssl.data.augment`), normalisation, and the view's box-aware augmentations (cutout in boxes, box
@@ -16,7 +16,7 @@ the Batch contract):
   source-image pixels in continuous coordinates (a crop covering pixel columns ``[x, x + w)`` has
   ``x1 = x, x2 = x + w``) and the flip flag (the flip is applied after the resize, horizontally).  With it
   :func:`view_to_source`, :func:`source_to_view` and :func:`map_boxes` relate any two views of an image (e.g.
-  SCFS's RoI crop: where a local crop lies inside global crop 0, METHODS.md §1 / DESIGN.md "SCFS");
+  SCFS's RoI crop: where a local crop lies inside global crop 0, docs/methods/scfs.md §Variants);
 * ground-truth ``boxes`` (with labels and masks) and unsupervised ``proposals`` (no labels, no masks) are two
   separate region sets, transformed identically; with a :class:`~semssl.data.regions.RegionSampling` the
   proposals are sampled as SoCo does (k per image visible in two views, crops re-drawn when too few are).
@@ -27,8 +27,9 @@ convention, so boxes mapped with the recorded geometry land on the same pixels a
 Proposals in SoCo's inclusive convention (``x2 = x1 + w - 1``) must get ``+1`` on x2 and y2 before coming here.
 
 :func:`collate_views` stacks per-sample outputs into the Batch dict, **crop-major** (index = crop * B + image),
-the order DINO/SCFS use (``torch.cat`` of a list of crops; METHODS.md §1.3).  :class:`Collate` does the same and
-then runs batch transforms (augmentations mixing the images of a batch) with a generator seeded from the samples.
+the order DINO/SCFS use (``torch.cat`` of a list of crops; docs/methods/dino.md §Views).  :class:`Collate` does
+the same and then runs batch transforms (augmentations mixing the images of a batch) with a generator seeded from the
+samples.
 """
 
 from __future__ import annotations
@@ -100,25 +101,26 @@ class ViewSpec:
     """One named view: ``n_crops`` square crops of side ``size``, each with its photometric recipe.
 
     ``recipe`` is one recipe name for all crops or a list with one name per crop (DINO: global crop 0 ->
-    ``dino_global1``, crop 1 -> ``dino_global2``, METHODS.md §1.7).  ``whole_image=True`` resizes the whole
-    image to ``size x size`` without keeping its aspect (SoCo view 1, METHODS.md §5.1); ``scale``/``ratio``
-    are then unused.  ``interpolation`` is ``"bilinear"`` (MoCo/BYOL/SoCo) or ``"bicubic"`` (DINO/SCFS).
+    ``dino_global1``, crop 1 -> ``dino_global2``, docs/methods/dino.md §Augmentations).  ``whole_image=True``
+    resizes the whole image to ``size x size`` without keeping its aspect (SoCo view 1,
+    docs/methods/soco.md §Views); ``scale``/``ratio`` are then unused.  ``interpolation`` is ``"bilinear"``
+    (MoCo/BYOL/SoCo) or ``"bicubic"`` (DINO/SCFS).
 
     ``geometry_from`` names another view whose crop rectangles and flips this view reuses (crop ``i`` here =
     crop ``i`` there, so ``n_crops`` must match), rendered at this view's ``size`` with this view's recipe and
-    interpolation: SoCo/D3SSL's x2-s, a 112 px copy of x2 (METHODS.md §5.2).  Its ``whole_image``, ``scale``,
-    ``ratio`` and ``flip_p`` are then unused and its recorded geometry equals the other view's.  Decisions: it
-    is rendered from the source pixels with the same rectangle (antialiased), not by resizing the other view's
-    pixels, and its photometric randomness is its own; the flip is shared, as a downsampled copy's is (SoCo*'s
-    code flips its 112 px view 4 independently, METHODS.md §5.1).
+    interpolation: SoCo/D3SSL's x2-s, a 112 px copy of x2 (docs/methods/d3ssl.md §Views).  Its
+    ``whole_image``, ``scale``, ``ratio`` and ``flip_p`` are then unused and its recorded geometry equals the
+    other view's.  Decisions: it is rendered from the source pixels with the same rectangle (antialiased), not by
+    resizing the other view's pixels, and its photometric randomness is its own; the flip is shared, as a
+    downsampled copy's is (SoCo*'s code flips its 112 px view 4 independently, docs/methods/soco.md §Variants).
 
     Box-aware augmentations, applied after the recipe and normalisation on the view's regions — the
     proposals when the sample has them, else its ground-truth boxes (:mod:`semssl.data.regions`); 0 = off, the
     default: ``box_cutout_p``/``box_cutout_area`` (SoCo's cutout in boxes, on view 2 in SoCo C4: p 0.5, area
-    (0.1, 0.3), METHODS.md §5.1) and ``box_jitter_p``/``box_jitter_range``/``box_jitter_grow`` (SoCo FPN's jitter
-    p 0.5, r 0.1; D3SSL's RBJ is ``box_jitter_grow=False``, METHODS.md §5.2).  The cutout uses the boxes before
-    the jitter; jittered boxes replace the view's boxes (the same id keeps its un-jittered box in other views)
-    and count as valid when their clipped area is still >= :data:`MIN_VALID_BOX_AREA`.
+    (0.1, 0.3), docs/methods/soco.md §Box cutout) and ``box_jitter_p``/``box_jitter_range``/``box_jitter_grow``
+    (SoCo FPN's jitter p 0.5, r 0.1; D3SSL's RBJ is ``box_jitter_grow=False``, docs/methods/d3ssl.md §RBJ).  The
+    cutout uses the boxes before the jitter; jittered boxes replace the view's boxes (the same id keeps its
+    un-jittered box in other views) and count as valid when their clipped area is still >= :data:`MIN_VALID_BOX_AREA`.
     """
 
     name: str
@@ -414,7 +416,8 @@ class MultiViewTransform:
     def _sample_regions(
         self, src: _Source, params: dict[str, list[CropParams]], redraw: bool
     ) -> tuple[dict[str, list[CropParams]], _Source]:
-        """SoCo's proposal sampling (METHODS.md §5.1; the rules are in :class:`RegionSampling`'s docstring)."""
+        """SoCo's proposal sampling (docs/methods/soco.md §Box sampling; the rules are in :class:`RegionSampling`'s
+        docstring)."""
         rs = self.region_sampling
         assert rs is not None and src.proposals is not None and src.proposal_ids is not None
         height, width = src.image.shape[-2:]

@@ -140,6 +140,8 @@ def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
 def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
     regions = ({"proposals": True, "proposal_params": dict(cfg.data.proposal_params) or None}
                if cfg.data.proposals else {})
+    if cfg.data.train_root:
+        regions["root"] = cfg.data.train_root  # a file list's root; any other source refuses it by name
     source = build_source(path, on_error=cfg.data.on_error, **regions)
     if cfg.data.check_files and len(source) <= 20000 and hasattr(source, "check"):
         bad = source.check()

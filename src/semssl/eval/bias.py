@@ -1,5 +1,5 @@
-"""Coupling rate (CR) and positional bias (MCS) per stage (D3SSL §3.1-3.2, Figs. 3-4; METHODS.md §5.3;
-DESIGN.md "Decisions" -> "CR and MCS").
+"""Coupling rate (CR) and positional bias (MCS) per stage (D3SSL §3.1-3.2, Figs. 3-4; docs/methods/d3ssl.md §Metrics;
+docs/design.md §CR and MCS).
 
 Both measures use ground-truth object crops of a COCO-style split, stage features post-ReLU (a ResNet stage's
 output already is), RoIAlign 7x7 of the object's box on each stage and average pooling
@@ -242,7 +242,7 @@ def positional_mcs(model: nn.Module, crops: Tensor, stages: Sequence[str] = STAG
 # ------------------------------------------------------------------------------------------------ driver
 @dataclass
 class BiasConfig:
-    """Settings of :func:`evaluate_bias` (defaults: DESIGN.md's definitions at the paper's 224 px)."""
+    """Settings of :func:`evaluate_bias` (defaults: docs/design.md §CR and MCS, at the paper's 224 px)."""
 
     size: int = 224
     pairs: int = 100

@@ -1,5 +1,5 @@
 """Dense (segmentation) probe: a linear 1x1-conv head on frozen stage maps -> mIoU and pixel accuracy
-(DESIGN.md "Evaluation protocols"; the small-scale stand-in for DSC's VOC/Cityscapes FCN transfer).
+(docs/design.md §Evaluation protocols; the small-scale stand-in for DSC's VOC/Cityscapes FCN transfer).
 
 Protocol (``semssl eval dense``):
 
@@ -45,14 +45,19 @@ Inputs (``--train`` / ``--test``):
           --test $D/images/val2017:$D/semantic_segmentation/masks/val2017
 
   (a quoted ``'$SEMSSL_DATA_DIR/...'`` works too: semssl expands it to the data root itself).
+* ``IMAGES_DIR:MASKS_DIR:LIST_FILE`` — the same pairs, only the images named in ``LIST_FILE`` (one id per line:
+  the path relative to ``IMAGES_DIR``, with or without its extension), for sets whose split is a list:
+  Stanford Background (``images:labels:splits/train.txt``, ``--ignore-index 15``) and MSRC-v2
+  (``images:semantic:train.txt``, ``--ignore-index 255``).
 
 ``--baselines`` also probes, with the same protocol, the random initialisation of the same architecture and
 seed (``random_init``: a run's method rebuilt from its config with the seed, as the pre-training's baseline;
 for ``--stage dense`` the random backbone's ``layer4``), the same with BatchNorm statistics re-estimated on the
 training images (``random_init_bn``) and the RGB values average-pooled to the evaluated map's resolution
 (``pixels``: the same 1x1 head on the colour at each location after the same downsampling), and writes
-``{"trained", "random_init", "random_init_bn", "pixels"}`` like a run's metrics.json (DESIGN.md: "beats random
-init" = beats the best of the three). ``--random-init --arch A`` probes the three baselines alone.
+``{"trained", "random_init", "random_init_bn", "pixels"}`` like a run's metrics.json
+(docs/design.md §Random-init baselines: "beats random init" = beats the best of the three). ``--random-init
+--arch A`` probes the three baselines alone.
 
 Memory: the maps of both splits are held in memory as float32 (N x C x h x w: 1,000 images of ResNet-50 at
 224 px = 400 MB), fine for the small probe datasets it is meant for.
@@ -91,12 +96,13 @@ MASK_EXTENSION = ".png"
 # --------------------------------------------------------------------------------------------------------------
 class SegmentationSource:
     """Images with class-index masks: ``len()``, ``load(i) -> (PIL RGB image, int64 mask [H, W])``, ``skipped``
-    (pairs left out, by reason)."""
+    (pairs left out, by reason) and ``names`` (each index's image file, when known)."""
 
     def __init__(self, location: str, count: int, load: Callable[[int], tuple[Image.Image, np.ndarray]],
-                 skipped: dict[str, int] | None = None) -> None:
+                 skipped: dict[str, int] | None = None, names: list[str] | None = None) -> None:
         self.location, self._count, self._load = location, count, load
         self.skipped = skipped or {}
+        self.names = names  # the image file of each index, for messages (None: not known, e.g. COCO)
 
     def __len__(self) -> int:
         return self._count
@@ -147,8 +153,33 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"cannot read mask '{path}': {err}") from err
 
 
-def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "skip") -> SegmentationSource:
-    """Every image under ``images_dir`` whose mask ``masks_dir/<relative path>.png`` exists."""
+def read_split_ids(list_file: str) -> list[str]:
+    """The image ids of a split list: one per line, the path relative to the images folder with or without its
+    extension (Stanford Background's ``splits/train.txt``, MSRC-v2's ``train.txt``); blank and ``#`` lines
+    skipped."""
+    from semssl.data.sources.base import IMG_EXTENSIONS
+
+    path = Path(list_file)
+    if not path.is_file():
+        raise DataError(f"split list '{list_file}' does not exist (expected IMAGES_DIR:MASKS_DIR:LIST_FILE)")
+    ids = []
+    for line in path.read_text().splitlines():
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if item.lower().endswith(IMG_EXTENSIONS):
+            item = item.rsplit(".", 1)[0]
+        ids.append(Path(item).as_posix())
+    if not ids:
+        raise DataError(f"split list '{list_file}' names no image")
+    return ids
+
+
+def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "skip",
+                             list_file: str | None = None) -> SegmentationSource:
+    """Every image under ``images_dir`` whose mask ``masks_dir/<relative path>.png`` exists; with ``list_file``,
+    only the images it names (:func:`read_split_ids`; ids without such a pair are counted in
+    ``skipped_not_in_folder``)."""
     from semssl.data.sources import ImageFolderSource
 
     source = ImageFolderSource(images_dir, labels=False, on_error=on_error)
@@ -170,6 +201,22 @@ def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "s
         log.warning("dense probe: %d image(s) of '%s' have no mask in '%s' and are left out (first: '%s', no '%s')",
                     len(missing), images_dir, masks_dir, missing[0],
                     (masks_root / missing[0].relative_to(source.root)).with_suffix(MASK_EXTENSION))
+    skipped = {"skipped_no_mask": len(missing)}
+    location = f"{images_dir}:{masks_dir}"
+    if list_file is not None:
+        wanted = read_split_ids(list_file)
+        index = {p.relative_to(source.root).with_suffix("").as_posix(): i for i, p in enumerate(kept)}
+        chosen = sorted({index[w] for w in wanted if w in index})
+        absent = [w for w in dict.fromkeys(wanted) if w not in index]
+        if absent:
+            log.warning("%d id(s) of '%s' have no image with a mask in '%s' (e.g. '%s') and are left out",
+                        len(absent), list_file, images_dir, absent[0])
+        if not chosen:
+            raise DataError(f"split list '{list_file}' names no image of '{images_dir}' with a mask in "
+                            f"'{masks_dir}' (e.g. '{wanted[0]}')")
+        skipped["skipped_not_in_folder"] = len(absent)
+        kept, masks = [kept[i] for i in chosen], [masks[i] for i in chosen]
+        location = f"{location}:{list_file}"
     source.paths, source.targets = kept, [-1] * len(kept)
 
     def load(index: int) -> tuple[Image.Image, np.ndarray]:
@@ -180,7 +227,7 @@ def folder_pair_segmentation(images_dir: str, masks_dir: str, on_error: str = "s
                             f"'{kept[sample['index']]}' is {image.width}x{image.height}")
         return image, mask
 
-    return SegmentationSource(f"{images_dir}:{masks_dir}", len(kept), load, {"skipped_no_mask": len(missing)})
+    return SegmentationSource(location, len(kept), load, skipped, [str(p) for p in kept])
 
 
 def synthetic_scenes_json(split: str, cfg: Any = None) -> str:
@@ -197,7 +244,8 @@ def synthetic_scenes_json(split: str, cfg: Any = None) -> str:
 
 def segmentation_source(spec: str, split: str, cfg: Any = None, on_error: str = "skip") -> SegmentationSource:
     """Parse a ``--train`` / ``--test`` value (module docstring): ``synthetic:scenes[:train|test]``, a COCO JSON,
-    or ``IMAGES_DIR:MASKS_DIR``. ``split`` (``train``/``test``) is the split a bare ``synthetic:scenes`` means."""
+    ``IMAGES_DIR:MASKS_DIR`` or ``IMAGES_DIR:MASKS_DIR:LIST_FILE``. ``split`` (``train``/``test``) is the split a
+    bare ``synthetic:scenes`` means."""
     if spec.startswith("synthetic"):
         parts = spec.split(":")
         if parts[:2] != ["synthetic", "scenes"] or len(parts) > 3 or (len(parts) == 3 and parts[2] not in
@@ -208,10 +256,11 @@ def segmentation_source(spec: str, split: str, cfg: Any = None, on_error: str = 
     if spec.lower().endswith(".json"):
         return coco_segmentation(spec, on_error)
     parts = spec.split(":")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"'{spec}': expected synthetic:scenes, a COCO JSON with segmentations, or "
-                          f"IMAGES_DIR:MASKS_DIR (a folder of images and a folder of class-index PNG masks)")
-    return folder_pair_segmentation(parts[0], parts[1], on_error)
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"'{spec}': expected synthetic:scenes, a COCO JSON with segmentations, IMAGES_DIR:MASKS_DIR "
+                          f"or IMAGES_DIR:MASKS_DIR:LIST_FILE (a folder of images, a folder of class-index PNG masks "
+                          f"and optionally a file of image ids, one per line)")
+    return folder_pair_segmentation(parts[0], parts[1], on_error, parts[2] if len(parts) == 3 else None)
 
 
 class SegmentationDataset(Dataset):
@@ -250,6 +299,7 @@ class DenseProbeConfig:
     weight_decay: float = 0.0
     ignore_index: int = 255
     class_map: Optional[dict[int, int]] = None  # raw mask value -> merged class value (read_class_map)
+    output_stride: int = 0  # 8 / 16: the backbone dilated for the probe (models.backbones.dilate_backbone); 0: as is
     pixels_per_image: int = 1024  # random pixels per image and step of the head's loss (0: all)
     batch_size: int = 0  # head training batch; 0: as many images as keep the sampled logits <= 16M values
     feature_batch_size: int = 64
@@ -257,21 +307,62 @@ class DenseProbeConfig:
     seed: int = 0
 
 
+def stage_kinds(stage: str) -> list[str]:
+    """The map kinds of a ``--stage`` value: one (``layer4``) or several joined by ``+`` (``layer3+layer4``)."""
+    kinds = [k.strip() for k in stage.split("+")]
+    if not all(kinds) or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"--stage {stage!r}: expected a map kind or distinct kinds joined by '+' "
+                          f"(e.g. layer3+layer4)")
+    return kinds
+
+
+def stage_map(model: Any, images: Tensor, stage: str, branch: str | None = None) -> Tensor:
+    """``model.features(images, branch, kind)`` of the kind ``stage``; for ``a+b+...`` each map upsampled
+    bilinearly (``align_corners=False``) to the largest of them and concatenated along channels (a hypercolumn:
+    the coarse stage's semantics at the finer stage's resolution)."""
+    maps = []
+    for kind in stage_kinds(stage):
+        fmap = model.features(images, branch=branch, kind=kind)
+        if fmap.dim() != 4:
+            raise ConfigError(f"--stage {kind}: the model's '{kind}' features are not a map "
+                              f"(shape {tuple(fmap.shape)})")
+        maps.append(fmap)
+    if len(maps) == 1:
+        return maps[0]
+    size = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+    return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear",
+                                                                   align_corners=False) for m in maps], dim=1)
+
+
+def dilated_view(model: Any, output_stride: int, branch: str | None = None) -> Any:
+    """The model the probe reads at ``output_stride``: ``model`` itself for 0 (or a model without a backbone,
+    e.g. :class:`PixelMaps`), else a deep copy whose ``branch`` backbone is dilated in place
+    (:func:`~semssl.models.backbones.dilate_backbone`; a method's own heads, e.g. DenseCL's ``dense`` map, then
+    read the denser map too). The trained weights are unchanged: the dilated network computes the original's
+    features at every shift of the input grid (its *a trous* equivalence), so it reads the same representation
+    more densely."""
+    if not output_stride or not hasattr(model, "backbone_for"):
+        return model
+    from semssl.models.backbones import dilate_backbone
+
+    model = copy.deepcopy(model)
+    resolved = model.resolve_branch(branch) if hasattr(model, "resolve_branch") else branch
+    dilate_backbone(model.backbone_for(resolved), output_stride)
+    return model
+
+
 @torch.no_grad()
 def extract_maps(model: Any, dataset: Dataset, kind: str, branch: str | None = None, batch_size: int = 64,
                  num_workers: int = 0, device: Any = "cpu") -> tuple[Tensor, Tensor]:
     """``(maps [N, C, h, w] float32 on the CPU, masks [N, S, S] int64)`` of the whole dataset, in order, through
-    ``model.features(images, branch, kind)`` (the model is put in eval mode for the call and restored)."""
+    :func:`stage_map` of ``kind`` (the model is put in eval mode for the call and restored)."""
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     feats, masks = [], []
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-            fmap = model.features(batch["image"].to(device), branch=branch, kind=kind)
-            if fmap.dim() != 4:
-                raise ConfigError(f"--stage {kind}: the model's '{kind}' features are not a map "
-                                  f"(shape {tuple(fmap.shape)})")
+            fmap = stage_map(model, batch["image"].to(device), kind, branch)
             feats.append(fmap.float().cpu())
             masks.append(batch["mask"])
     finally:
@@ -452,6 +543,7 @@ def dense_probe(model: Any, train: Dataset, test: Dataset, config: DenseProbeCon
     :class:`SegmentationDataset` splits; returns ``dense_miou``, ``dense_pixel_acc`` (percent) and details."""
     kw = {"kind": config.stage, "branch": branch, "batch_size": config.feature_batch_size,
           "num_workers": config.num_workers, "device": device}
+    model = dilated_view(model, config.output_stride, branch)
     train_x, train_m = extract_maps(model, train, **kw)
     test_x, test_m = extract_maps(model, test, **kw)
     return probe_maps(train_x, train_m, test_x, test_m, config)
@@ -512,7 +604,7 @@ def _resnet(arch: str, small_input: bool, width: int) -> nn.Module:
 
 def baseline_probes(random_net: nn.Module, train: Dataset, test: Dataset, config: DenseProbeConfig,
                     grid: tuple[int, int] | None = None) -> dict[str, dict]:
-    """``{"random_init", "random_init_bn", "pixels"}`` (DESIGN.md "Small scale"): the probe on the random
+    """``{"random_init", "random_init_bn", "pixels"}`` (docs/design.md §Random-init baselines): the probe on the random
     network as it is, on a copy with BatchNorm statistics re-estimated on the training images, and on the RGB
     values pooled to ``grid`` (default: the random network's map size)."""
     from semssl.models.backbones import BackboneModel
@@ -521,7 +613,8 @@ def baseline_probes(random_net: nn.Module, train: Dataset, test: Dataset, config
     recal = reestimate_bn(random_net, train, config.feature_batch_size, config.num_workers)
     out["random_init_bn"] = dense_probe(BackboneModel(recal), train, test, config)
     h, w = grid or out["random_init"]["feature_shape"][1:]
-    out["pixels"] = dense_probe(PixelMaps((h, w)), train, test, config)
+    pixel_config = DenseProbeConfig(**{**asdict(config), "stage": "rgb", "output_stride": 0})  # one RGB map
+    out["pixels"] = dense_probe(PixelMaps((h, w)), train, test, pixel_config)
     return out
 
 
@@ -534,9 +627,11 @@ def dense_baselines(model: Any, cfg: Any, train: Dataset, test: Dataset, config:
 
     out = {"trained": dense_probe(model, train, test, config, branch)}
     grid = tuple(out["trained"]["feature_shape"][1:])
-    if config.stage not in STAGES:  # e.g. DenseCL's "dense" map: compare with the random backbone's layer4
-        log.warning("--baselines: the random network has no '%s' map; its layer4 is probed", config.stage)
-        config = DenseProbeConfig(**{**asdict(config), "stage": "layer4"})
+    kinds = stage_kinds(config.stage)
+    if not set(kinds) <= set(STAGES):  # e.g. DenseCL's "dense" map: compare with the random backbone's layer4
+        stage = "+".join(dict.fromkeys(k if k in STAGES else "layer4" for k in kinds))
+        log.warning("--baselines: the random network has no '%s' map; its %s is probed", config.stage, stage)
+        config = DenseProbeConfig(**{**asdict(config), "stage": stage})
     out.update(baseline_probes(random_backbone(cfg, model, seed), train, test, config, grid))
     return out
 
@@ -554,10 +649,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=64, help="random init only: ResNet base width (64 = torchvision's)")
     p.add_argument("--branch", choices=["online", "teacher"], help="which network of a semssl checkpoint")
     p.add_argument("--train", required=True,
-                   help="training split: synthetic:scenes, a COCO JSON with segmentations, or IMAGES_DIR:MASKS_DIR")
+                   help="training split: synthetic:scenes, a COCO JSON with segmentations, IMAGES_DIR:MASKS_DIR or "
+                        "IMAGES_DIR:MASKS_DIR:LIST_FILE")
     p.add_argument("--test", required=True, help="evaluated split (same forms as --train)")
     p.add_argument("--stage", default="layer4",
-                   help="feature map probed: layer1..layer4, or a method's map kind (DenseCL/DSC: dense)")
+                   help="feature map probed: layer1..layer4, or a method's map kind (DenseCL/DSC: dense); several "
+                        "joined by '+' (layer3+layer4) are upsampled to the finest and concatenated")
+    p.add_argument("--output-stride", type=int, default=0, choices=(0, 8, 16, 32),
+                   help="dilate the backbone for the probe: 16 dilates layer4, 8 layer3 and layer4 (denser maps of "
+                        "the same weights); default 0: as trained")
     p.add_argument("--size", type=int, default=128, help="images and masks resized to SIZE x SIZE (default 128)")
     p.add_argument("--epochs", type=int, default=50, help="passes of the head over the training split (50)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the head (0.01, cosine to 0)")
@@ -588,7 +688,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict, Any]:
                           "state_dict) or --random-init")
     model, info, cfg = load_model(args.checkpoint, arch=args.arch)
     info["branch"] = model.resolve_branch(args.branch)
-    if args.stage == "pooled" or args.stage not in model.feature_kinds:
+    if any(k == "pooled" or k not in model.feature_kinds for k in stage_kinds(args.stage)):
         raise ConfigError(f"--stage {args.stage}: this model's maps are "
                           f"{[k for k in model.feature_kinds if k != 'pooled']}")
     return model, info, cfg
@@ -613,11 +713,12 @@ def run(args: argparse.Namespace) -> int:
     if args.random_init:
         model, info, cfg = None, {"source": "random init", "arch": args.arch or "resnet50",
                                   "small_input": args.small_input, "width": args.width, "seed": args.seed}, None
-        if args.stage not in ("layer1", "layer2", "layer3", "layer4"):
+        if not set(stage_kinds(args.stage)) <= {"layer1", "layer2", "layer3", "layer4"}:
             raise ConfigError(f"--stage {args.stage}: a random backbone has layer1..layer4")
     else:
         model, info, cfg = _load(args)
-    config = DenseProbeConfig(stage=args.stage, size=args.size, epochs=args.epochs, lr=args.lr,
+    config = DenseProbeConfig(stage=args.stage, output_stride=args.output_stride, size=args.size, epochs=args.epochs,
+                              lr=args.lr,
                               weight_decay=args.weight_decay, ignore_index=args.ignore_index,
                               class_map=read_class_map(args.class_map) if args.class_map else None,
                               pixels_per_image=args.pixels_per_image, batch_size=args.head_batch_size,
@@ -635,7 +736,8 @@ def run(args: argparse.Namespace) -> int:
         res = dense_baselines(model, cfg, train, test, config, branch=args.branch, seed=seed)
     else:
         res = {"trained": dense_probe(model, train, test, config, branch=args.branch)}
-    _print(f"dense probe ({info['source']}, {args.stage}, {args.size} px)", res)
+    stride = f", output stride {args.output_stride}" if args.output_stride else ""
+    _print(f"dense probe ({info['source']}, {args.stage}{stride}, {args.size} px)", res)
     if args.out:
         payload = {**res, "model": info, "train": args.train, "test": args.test, "protocol": asdict(config),
                    "skipped": {"train": train_src.skipped, "test": test_src.skipped}}

@@ -6,7 +6,7 @@ A *model* is anything with ``features(images, branch=None, kind="pooled")``: a :
 :class:`~semssl.models.backbones.BackboneModel` around a plain torchvision ``state_dict``. Every path reads
 features through that one method, so the branch and the kind of feature are the same on all of them.
 
-Random init is always reported as three baselines (DESIGN.md "Small scale"; :func:`baseline_models`):
+Random init is always reported as three baselines (docs/design.md §Random-init baselines; :func:`baseline_models`):
 ``random_init`` (the untrained network as it is), ``random_init_bn`` (the same weights with BatchNorm statistics
 re-estimated on the evaluation-train images, :func:`reestimate_bn`) and ``pixels`` (the images themselves,
 centred and L2-normalised, :class:`PixelModel`). "Beats random init" means beats the best of the three.
@@ -166,7 +166,7 @@ class PixelModel(nn.Module):
     resized, centre-cropped to the evaluation size, normalised) flattened, centred by the training split's mean
     pixel vector and L2-normalised. ``mean`` is a buffer; :meth:`fit` sets it from a loader.
 
-    Decision (DESIGN.md "Small scale"): centred is the stronger floor (kNN 38.3 vs 28.6 uncentred on the
+    Decision (docs/design.md §Random-init baselines): centred is the stronger floor (kNN 38.3 vs 28.6 uncentred on the
     CIFAR-10 slice), and the floor must not be weakened.
     """
 

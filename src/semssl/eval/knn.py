@@ -1,8 +1,8 @@
 """Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018; DINO ``eval_knn.py``).
 
-Protocol (METHODS.md §1.8, §2; DESIGN.md "Evaluation protocols"): features are L2-normalised, similarity is
-the cosine, each query takes its k most similar memory (training) samples, and every neighbour votes for its
-class with weight exp(s / T), T = 0.07. The class scores are the summed votes; top-1 / top-5 accuracies are
+Protocol (docs/methods/dino.md §Evaluation; docs/design.md §Evaluation protocols): features are L2-normalised,
+similarity is the cosine, each query takes its k most similar memory (training) samples, and every neighbour votes for
+its class with weight exp(s / T), T = 0.07. The class scores are the summed votes; top-1 / top-5 accuracies are
 reported in percent. DINO's code default is k = 20 (listed first); Wu et al.'s canonical k is 200, so both
 are reported by default.
 

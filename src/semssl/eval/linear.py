@@ -1,11 +1,11 @@
 """Linear probes on a frozen backbone: a fast protocol on pre-computed features and the papers' standard one.
 
-DESIGN.md "Evaluation protocols": the *standard* protocol is the one of the method's paper (MoCo
-``main_lincls.py``, METHODS.md §3.4: lr 30 at batch 256, wd 0, momentum 0.9, 100 epochs, x0.1 at epochs
-60/80; SCFS / DINO ``eval_linear.py``, METHODS.md §1.8, §2: cosine to 0 per epoch, lr base x batch/256);
-the train loader supplies RandomResizedCrop + flip, the test loader a centre crop. The *fast* protocol for
-small data trains a linear classifier on centre-crop features computed once, with a small lr search on a
-held-out part of the training split. Every result names its protocol.
+docs/design.md §Evaluation protocols: the *standard* protocol is the one of the method's paper (MoCo
+``main_lincls.py``, docs/methods/mocov2.md §Linear protocol: lr 30 at batch 256, wd 0, momentum 0.9, 100 epochs,
+x0.1 at epochs 60/80; SCFS / DINO ``eval_linear.py``, docs/methods/scfs.md §Evaluation: cosine to 0 per epoch,
+lr base x batch/256); the train loader supplies RandomResizedCrop + flip, the test loader a centre crop. The
+*fast* protocol for small data trains a linear classifier on centre-crop features computed once, with a small lr search
+on a held-out part of the training split. Every result names its protocol.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _topk_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ fast protocol
 @dataclass
 class FastLinearConfig:
-    """Fast linear probe on pre-computed features (DESIGN.md "Evaluation protocols", fast protocol).
+    """Fast linear probe on pre-computed features (docs/design.md §Evaluation protocols, fast protocol).
 
     Decision: ``standardize`` maps every feature dimension to zero mean and unit variance with the statistics
     of the rows the classifier is fit on, then scales by 1/sqrt(D) (see ``_Standardizer``), so one lr grid
@@ -289,13 +289,14 @@ _SCHEDULES = ("step", "cosine")
 
 @dataclass
 class LinearConfig:
-    """Standard frozen-backbone linear protocol; defaults are MoCo's ``main_lincls.py`` (METHODS.md §3.4).
+    """Standard frozen-backbone linear protocol; defaults are MoCo's ``main_lincls.py``
+    (docs/methods/mocov2.md §Linear protocol).
 
     ``lr`` is the base lr for batch 256, scaled by the loader's batch size / 256. ``schedule="step"`` multiplies
     the lr by 0.1 at each of ``milestones`` (epochs; a float strictly between 0 and 1 is a fraction of the
-    run, so short runs keep the shape, as DESIGN.md allows for every schedule length); ``"cosine"`` anneals
-    it to 0, set per epoch like DINO/SCFS ``eval_linear.py``. ``feature_bn`` puts a BatchNorm1d without
-    affine parameters in front of the linear layer. ``num_workers`` is for the caller building the loaders.
+    run, so short runs keep the shape, as docs/design.md §Schedules allows for every schedule length);
+    ``"cosine"`` anneals it to 0, set per epoch like DINO/SCFS ``eval_linear.py``. ``feature_bn`` puts a BatchNorm1d
+    without affine parameters in front of the linear layer. ``num_workers`` is for the caller building the loaders.
     """
 
     epochs: int = 100

@@ -1,23 +1,26 @@
-"""Object-level kNN (O-KNN) and disturbed O-KNN (D3SSL, METHODS.md §5.3; DESIGN.md "Decisions" -> "O-KNN").
+"""Object-level kNN (O-KNN) and disturbed O-KNN (D3SSL, docs/methods/d3ssl.md §O-KNN; docs/design.md §O-KNN).
 
 Protocol:
 
 * every image of a COCO-style split is brought to ``size`` x ``size`` (:func:`letterbox`) and its ground-truth
   boxes scaled with it; the objects whose box has both sides >= ``min_side`` (16 px) *at that resolution* are
   kept (:func:`select_objects`) — all of them: the memory is every kept object of the train split, the queries
-  every kept object of the test split (DESIGN.md; the paper's "N objects per image" is not given);
+  every kept object of the test split (docs/design.md §O-KNN; the paper's "N objects per image" is not given);
 * object feature = RoIAlign 7x7 of the box on the last stage map (``model.features(images, branch,
-  kind="layer4")``), average-pooled (:func:`roi_features`) — ``roi="c5"``, DESIGN.md's reading of the paper's
-  "from the C5 block ... RoIAlign 7x7 and average pooling"; ``roi="c4"`` is the other reading METHODS.md §5.3
-  leaves open, the region path SoCo/D3SSL pre-train with: RoIAlign 14x14 on layer3, the backbone's layer4 on the
-  RoIs, average pooling (:func:`c4_roi_features`);
+  kind="layer4")``), average-pooled (:func:`roi_features`) — ``roi="c5"``, the reading of docs/design.md §O-KNN
+  of the paper's "from the C5 block ... RoIAlign 7x7 and average pooling"; ``roi="c4"`` is the other reading
+  docs/methods/d3ssl.md §O-KNN leaves open, the region path SoCo/D3SSL pre-train with: RoIAlign 14x14 on layer3,
+  the backbone's layer4 on the RoIs, average pooling (:func:`c4_roi_features`);
 * weighted kNN of :func:`semssl.eval.knn.knn_evaluate` (cosine, k 20, votes exp(s/0.07)); top-1 / top-5 in
   percent, keys ``oknn_top1`` / ``oknn_top5``;
 * disturbed O-KNN: the same, but every pixel outside the selected boxes of an image is replaced by the pixel at
   the same place of another image of the same split (:func:`disturb`, :func:`partner_indices`); keys
-  ``oknn_disturbed_top1`` / ``oknn_disturbed_top5``.
+  ``oknn_disturbed_top1`` / ``oknn_disturbed_top5``;
+* ``by_supercategory`` (``--by-supercategory``): also each of those on the queries of one ``supercategory`` of the
+  memory's categories (e.g. MSRC-v2's ``thing`` / ``stuff`` segments), against the whole memory, keys
+  ``oknn_<supercategory>_top1`` (``oknn_disturbed_<supercategory>_top1``) and ``n_queries_<supercategory>``.
 
-Random-init baselines (DESIGN.md "Small scale", issue 12): ``random_init``, ``random_init_bn`` (BatchNorm
+Random-init baselines (docs/design.md §Random-init baselines, issue 12): ``random_init``, ``random_init_bn`` (BatchNorm
 statistics re-estimated on the train split's images at the evaluated resolution) and ``pixels``
 (:class:`ObjectPixels`: RoIAlign 7x7 of the image itself, flattened, centred by the memory's mean, L2-normalised).
 
@@ -27,6 +30,7 @@ Everything goes through ``model.features(images, branch, kind)``, so any :class:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -119,8 +123,8 @@ def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
 
 
 def select_objects(boxes: Tensor, labels: Tensor, min_side: float = 16.0) -> tuple[Tensor, Tensor]:
-    """The boxes (and their labels) whose width *and* height are >= ``min_side`` pixels (DESIGN.md: 16 px at the
-    evaluated resolution)."""
+    """The boxes (and their labels) whose width *and* height are >= ``min_side`` pixels
+    (docs/design.md §O-KNN: 16 px at the evaluated resolution)."""
     boxes = boxes.reshape(-1, 4)
     keep = ((boxes[:, 2] - boxes[:, 0]) >= min_side) & ((boxes[:, 3] - boxes[:, 1]) >= min_side)
     return boxes[keep], labels.reshape(-1)[keep]
@@ -391,7 +395,7 @@ def oknn(memory: Tensor, memory_labels: Tensor, queries: Tensor, query_labels: T
 
 @dataclass
 class ObjectsConfig:
-    """Settings of :func:`evaluate_objects` (defaults = DESIGN.md's O-KNN protocol at the paper's 224 px)."""
+    """Settings of :func:`evaluate_objects` (defaults = docs/design.md §O-KNN, at the paper's 224 px)."""
 
     size: int = 224
     resize: str = "pad"
@@ -400,16 +404,43 @@ class ObjectsConfig:
     temperature: float = 0.07
     output_size: int = 7
     kind: str = "layer4"
-    #: ``c5`` (DESIGN.md: RoIAlign ``output_size`` on the ``kind`` map) or ``c4`` (SoCo's pre-training path:
-    #: RoIAlign 14x14 on layer3, then layer4; ``output_size`` and ``kind`` are then unused)
+    #: ``c5`` (docs/design.md §O-KNN: RoIAlign ``output_size`` on the ``kind`` map) or ``c4`` (SoCo's
+    #: pre-training path: RoIAlign 14x14 on layer3, then layer4; ``output_size`` and ``kind`` are then unused)
     roi: str = "c5"
     disturbed: bool = False
     #: which splits get disturbed: ``both`` (default: "the feature extraction pipeline is kept the same", so the
     #: memory too) or ``test`` (queries only, against a clean memory)
     disturb: str = "both"
+    #: also O-KNN on the queries of each supercategory (module docstring)
+    by_supercategory: bool = False
     seed: int = 0
     batch_size: int = 32
     workers: int = 0
+
+
+def supercategories(source: CocoSource) -> list[str]:
+    """The ``supercategory`` of each category of ``source``, in its label order (categories sorted by id); ``""``
+    where a category has none."""
+    try:
+        data = json.loads(Path(source.annotation_json).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the categories of '{source.annotation_json}': {err}") from err
+    cats = sorted(data.get("categories") or [], key=lambda c: c["id"])
+    return [str(c.get("supercategory") or "") for c in cats]
+
+
+def by_group(memory: Tensor, memory_labels: Tensor, queries: Tensor, query_labels: Tensor, groups: list[str],
+             cfg: "ObjectsConfig", prefix: str) -> dict[str, float]:
+    """O-KNN of the queries of each group (``groups[label]``, e.g. supercategory) against the whole memory:
+    ``{prefix}_<group>_top1`` / ``_top5`` and ``n_queries_<group>`` (groups without a query are left out)."""
+    out: dict[str, float] = {}
+    for name in sorted(set(groups) - {""}):
+        keep = torch.tensor([groups[label] == name for label in query_labels.tolist()], dtype=torch.bool)
+        if keep.any():
+            out.update(oknn(memory, memory_labels, queries[keep], query_labels[keep], cfg.k, cfg.temperature,
+                            f"{prefix}_{name}"))
+            out[f"n_queries_{name}"] = int(keep.sum())
+    return out
 
 
 def _datasets(train: CocoSource, test: CocoSource, cfg: ObjectsConfig,
@@ -437,7 +468,10 @@ def _run(model: nn.Module, train: CocoSource, test: CocoSource, cfg: ObjectsConf
     counts = {"n_memory": memory.shape[0], "n_queries": queries.shape[0], "skipped_images": skipped_m + skipped_q,
               "n_classes_memory": int(memory_labels.unique().numel()),
               "n_classes_queries": int(query_labels.unique().numel())}
-    return oknn(memory, memory_labels, queries, query_labels, cfg.k, cfg.temperature, prefix), counts
+    out = oknn(memory, memory_labels, queries, query_labels, cfg.k, cfg.temperature, prefix)
+    if cfg.by_supercategory:
+        out.update(by_group(memory, memory_labels, queries, query_labels, supercategories(train), cfg, prefix))
+    return out, counts
 
 
 def evaluate_objects(model: nn.Module, train: CocoSource, test: CocoSource, cfg: ObjectsConfig | None = None,
@@ -510,9 +544,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--disturb", choices=["both", "test"], default="both",
                         help="disturbed O-KNN: disturb memory and queries (default) or the queries only")
     parser.add_argument("--roi", choices=ROI_MODES, default="c5",
-                        help="object feature: c5 = RoIAlign 7x7 on layer4, average-pooled (DESIGN.md, default); c4 = "
+                        help="object feature: c5 = RoIAlign 7x7 on layer4, average-pooled (docs/design.md §O-KNN, "
+                             "default); c4 = "
                              "RoIAlign 14x14 on layer3, then layer4, average-pooled (SoCo's pre-training path; the "
                              "pixel baseline is the same either way)")
+    parser.add_argument("--by-supercategory", action="store_true",
+                        help="also O-KNN of the queries of each supercategory (MSRC-v2: thing, stuff)")
     parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
@@ -525,7 +562,8 @@ def run(args: Any) -> int:
     test = open_coco(args.test, args.test_images)
     cfg = ObjectsConfig(size=args.size, resize=args.resize, min_side=args.min_side, k=args.k,
                         temperature=args.temperature, roi=args.roi, disturbed=args.disturbed, disturb=args.disturb,
-                        seed=args.seed, batch_size=args.batch_size, workers=args.workers)
+                        by_supercategory=args.by_supercategory, seed=args.seed, batch_size=args.batch_size,
+                        workers=args.workers)
     models, _ = models_for_eval(args, lambda m: object_baselines(m, train, cfg))
     results, columns = {}, {}
     for name, (model, info) in models.items():

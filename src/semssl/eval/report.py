@@ -37,7 +37,7 @@ def add_model_options(parser: Any, random_init_help: str) -> None:
     the architecture of a plain state_dict / random init, and which branch."""
     parser.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
     parser.add_argument("--random-init", action="store_true", help=random_init_help)
-    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
+    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                         help="architecture of a plain state_dict / random init (inferred from a state_dict's keys; "
                              "resnet50 for random init if omitted)")
     parser.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")

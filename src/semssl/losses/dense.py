@@ -1,4 +1,5 @@
-"""DenseCL's dense correspondence and dense InfoNCE (METHODS.md §4.1; DSC paper Eqs. 3-4).
+"""DenseCL's dense correspondence and dense InfoNCE (docs/methods/densecl.md §Correspondence, §Loss; DSC paper
+Eqs. 3-4).
 
 Layout: a dense embedding of a batch is ``[B, S, D]`` — image-major, then the ``S = h*w`` positions of the
 map in row-major order (position ``y*w + x``), then the channels; :func:`flatten_map` turns a ``[B, C, h, w]``

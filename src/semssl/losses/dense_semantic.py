@@ -1,4 +1,5 @@
-"""DSC's semantic terms ``L_sem`` (DSC paper §3.2, Eqs. 5-9; METHODS.md §4.2; DESIGN.md "DSC").
+"""DSC's semantic terms ``L_sem`` (DSC paper §3.2, Eqs. 5-9; docs/methods/dsc.md §Semantic losses;
+docs/design.md §DSC).
 
 Pure functions on flattened dense embeddings. Layout as in :mod:`semssl.losses.dense`: a batch of dense
 embeddings is ``[B, S, D]`` (image-major, positions row-major); the losses below take the ``B*S`` rows
@@ -25,7 +26,7 @@ def same_view_neighbors(f: Tensor, n: int = 1) -> Tensor:
     """The ``n`` most similar *other* positions of the same image and view (DSC's neighbours ``n_i^j``, Eq. 5;
     N_i = 1 in the paper's ablation).
 
-    Decision (DESIGN.md "DSC"): the pixel itself is excluded (the paper implies it: a pixel is trivially its
+    Decision (docs/design.md §DSC): the pixel itself is excluded (the paper implies it: a pixel is trivially its
     own nearest neighbour); ranking by cosine of L2-normalised ``f``.
 
     Args:
@@ -77,12 +78,12 @@ def neighbor_triplet(anchor: Tensor, positive: Tensor, neighbors: Tensor, margin
                      sign: Literal["printed", "corrected"] = "printed") -> Tensor:
     """``L_tri`` (DSC Eq. 6), summed over the neighbours and averaged over the positions.
 
-    As printed (``sign="printed"``, the default; DESIGN.md "DSC" — it reproduces Table 4's drop)::
+    As printed (``sign="printed"``, the default; docs/design.md §DSC — it reproduces Table 4's drop)::
 
         L = sum_j [ s(v_i^a, v_i^b) - s(v_i^a, n_i^j) + alpha ]_+
 
     which, with s a similarity, pushes the cross-view positive *below* the neighbour, against the text's stated
-    intent (METHODS.md §4.2). ``sign="corrected"`` swaps the two similarities:
+    intent (docs/methods/dsc.md §Triplet). ``sign="corrected"`` swaps the two similarities:
     ``[ s(v_i^a, n_i^j) - s(v_i^a, v_i^b) + alpha ]_+``.
 
     Args:
@@ -143,8 +144,8 @@ def swapped_prediction(scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, code
         L = l(v^a, q^b) + l(v^b, q^a),   l(v, q) = -mean_i sum_k q_ik log softmax(v_i.c / t)_k
 
     Eq. 9 is printed without the minus sign and without a temperature; the cross-entropy and SwAV's tau 0.1
-    are used (METHODS.md §4.2). Eq. 8 is a sum of the two directions (SwAV averages them: a factor 2, which the
-    weight ``w_sem`` absorbs).
+    are used (docs/methods/dsc.md §Prototypes). Eq. 8 is a sum of the two directions (SwAV averages them: a
+    factor 2, which the weight ``w_sem`` absorbs).
 
     Args:
         scores_a, scores_b: ``[N, K]`` cosines of the two views' embeddings of matched pixel pairs with the

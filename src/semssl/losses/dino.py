@@ -1,4 +1,4 @@
-"""DINO's self-distillation loss with centering (METHODS.md §1.5a, §2; SCFS paper Eq. 1-4).
+"""DINO's self-distillation loss with centering (docs/methods/dino.md §Loss; SCFS paper Eq. 1-4).
 
 Notation: student temperature tau_s (0.1), teacher temperature tau_t (a schedule, 0.04 -> 0.07 in SCFS), running
 center c (``[1, K]``, momentum 0.9), CE(p, q) = -sum_k p_k log q_k.
@@ -52,8 +52,9 @@ def dino_cross_entropy(student_logits: Tensor, targets: Tensor, student_temp: fl
         student_logits: ``[V, B, K]`` student outputs of V crops (the teacher's crops first).
         targets: ``[T, B, K]`` teacher probabilities (:func:`teacher_targets`), T <= V.
         student_temp: tau_s > 0.
-        pairs: ``"exclude_same"`` — every (i, v) with v != i (DINO, METHODS.md §1.5a); ``"matched"`` — only
-            (i, i) with T == V (SCFS's local-vs-searched term, §1.5b: local crop i against its own target).
+        pairs: ``"exclude_same"`` — every (i, v) with v != i (DINO, docs/methods/dino.md §Loss); ``"matched"`` —
+            only (i, i) with T == V (SCFS's local-vs-searched term, docs/methods/scfs.md §Losses: local crop i
+            against its own target).
     Returns:
         Scalar loss (float32).
     """
@@ -88,7 +89,7 @@ def dino_cross_entropy(student_logits: Tensor, targets: Tensor, student_temp: fl
 
 def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor | None, student_temp: float,
               teacher_temp: float) -> Tensor:
-    """DINO's loss (METHODS.md §1.5a; SCFS Eq. 2-4 averaged over pairs as released).
+    """DINO's loss (docs/methods/dino.md §Loss; SCFS Eq. 2-4 averaged over pairs as released).
 
     Args:
         student_logits: ``[V, B, K]``, the teacher's T crops first.
@@ -111,7 +112,7 @@ def entropy(probs: Tensor) -> Tensor:
 class Center(nn.Module):
     """DINO's running center: a ``[1, dim]`` buffer (zeros at start) updated after each step with
     ``c <- m c + (1 - m) * batch_center``, where ``batch_center`` is the mean of the teacher outputs over every
-    row of every process (sum all-reduced, divided by rows x world size, METHODS.md §1.5a)."""
+    row of every process (sum all-reduced, divided by rows x world size, docs/methods/dino.md §Loss)."""
 
     def __init__(self, dim: int, momentum: float = 0.9) -> None:
         super().__init__()

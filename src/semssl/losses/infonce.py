@@ -10,7 +10,7 @@ from semssl.distributed import concat_all_gather
 
 
 def info_nce(query: Tensor, key: Tensor, negatives: Tensor, temperature: float = 0.2) -> tuple[Tensor, Tensor]:
-    """MoCo's InfoNCE (MoCo-v2 paper Eq. 1; SCD Eq. 4 L_c; DSC Eq. 1 L_ins): ``-log exp(q.k+/t) / sum exp(q.k/t)``.
+    """MoCo's InfoNCE (MoCo paper Eq. 1; SCD Eq. 1 L_ncc; DSC Eq. 1 L_ins): ``-log exp(q.k+/t) / sum exp(q.k/t)``.
 
     Args:
         query: ``[N, D]`` L2-normalised queries (gradient flows).

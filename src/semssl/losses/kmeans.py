@@ -1,5 +1,5 @@
 """Online spherical k-means over the pixel embeddings of a batch (DSC-KM, DSC paper §3.2 and Eq. 7,
-METHODS.md §4.2), distributed-aware.
+docs/methods/dsc.md §K-means), distributed-aware.
 
 Points are L2-normalised embeddings ``[N, D]``; the similarity is the cosine (a dot product), a centroid is
 the L2-normalised mean of its members. Under DDP only per-cluster sums and counts cross ranks (all-reduced),

@@ -1,4 +1,5 @@
-"""Region-level features and losses of SoCo (METHODS.md §5.1) and D3SSL (paper 003 §4.2, METHODS.md §5.2).
+"""Region-level features and losses of SoCo (docs/methods/soco.md §Network, §Loss) and D3SSL (paper 003 §4.2,
+docs/methods/d3ssl.md §Loss).
 
 Shapes: a view's regions are ``[N, P, ...]`` — ``N`` = rows of the view (``n_crops * B``, crop-major as the
 images), ``P`` = region slots per row (the sampled proposals, padded); ``valid`` ``[N, P]`` marks the slots
@@ -26,7 +27,7 @@ def _check_regions(boxes: Tensor, valid: Tensor, n: int, where: str) -> None:
 
 def roi_features(layer3_map: Tensor, boxes: Tensor, valid: Tensor, stage4: nn.Module, out: int = 14,
                  spatial_scale: float = 1 / 16) -> Tensor:
-    """SoCo-C4's region features (METHODS.md §5.1 "Network (SoCo_C4)"; D3SSL Eq. 1 ``f^H(RoIAlign(f^E(x), b))``
+    """SoCo-C4's region features (docs/methods/soco.md §Network; D3SSL Eq. 1 ``f^H(RoIAlign(f^E(x), b))``
     before the projector): RoIAlign ``out x out`` on the stage-3 map (torchvision ``roi_align``,
     ``aligned=True``, adaptive sampling), then ``stage4`` (the C5 block), then global average pooling.
 
@@ -58,9 +59,9 @@ def roi_features(layer3_map: Tensor, boxes: Tensor, valid: Tensor, stage4: nn.Mo
 
 
 def region_correspondence(ids_a: Tensor, valid_a: Tensor, ids_b: Tensor, valid_b: Tensor) -> Tensor:
-    """SoCo's correspondence matrix (METHODS.md §5.1): ``C[n, i, j] = 1`` when slot ``i`` of view a and slot ``j``
-    of view b of row ``n`` hold the same proposal (equal ids, both valid, id >= 0), else 0.  Padding duplicates
-    (repeated ids) create several matches, as in SoCo.
+    """SoCo's correspondence matrix (docs/methods/soco.md §Loss): ``C[n, i, j] = 1`` when slot ``i`` of view a
+    and slot ``j`` of view b of row ``n`` hold the same proposal (equal ids, both valid, id >= 0), else 0.
+    Padding duplicates (repeated ids) create several matches, as in SoCo.
 
     Args: ``ids_a``/``valid_a`` ``[N, P]``, ``ids_b``/``valid_b`` ``[N, Q]``.  Returns float ``[N, P, Q]``.
     """
@@ -79,7 +80,7 @@ def _pair_average(per_pair: Tensor, corr: Tensor) -> Tensor:
 
 
 def soco_loss(p: Tensor, z: Tensor, corr: Tensor) -> Tensor:
-    """SoCo's BYOL-style region loss, one direction (METHODS.md §5.1 "Loss"): per row
+    """SoCo's BYOL-style region loss, one direction (docs/methods/soco.md §Loss): per row
     ``-2 sum_ij C_ij <p^_i, z^_j> / (sum_ij C_ij + 1e-6)`` with ``p^ = p / |p|``, ``z^ = z / |z|``, averaged over
     the rows.  SoCo symmetrises by adding the other direction (the caller swaps the views).  It equals BYOL's
     ``2 - 2 cos`` up to the constant 2 (dropped, as in SoCo's loss value).
@@ -107,7 +108,7 @@ def region_nce(q: Tensor, k: Tensor, corr: Tensor, negatives: Tensor, temperatur
     Args:
         q: ``[N, P, D]`` student embeddings (gradient flows); ``k``: ``[N, Q, D]`` teacher embeddings
         (detached); ``corr``: ``[N, P, Q]``; ``negatives``: ``[K, D]`` L2-normalised bank entries (detached);
-        ``temperature``: tau (0.2, DESIGN.md "D3SSL").
+        ``temperature``: tau (0.2, docs/design.md §D3SSL).
 
     Returns:
         ``(loss, accuracy)``: the scalar loss, and the fraction of matched pairs whose positive logit beats

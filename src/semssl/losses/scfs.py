@@ -1,4 +1,5 @@
-"""SCFS's semantics-consistent feature search and per-stage loss (METHODS.md §1.4-1.5; SCFS paper Eq. 5-10).
+"""SCFS's semantics-consistent feature search and per-stage loss (SCFS paper Eq. 5-10;
+docs/methods/scfs.md §Feature search, §Losses).
 
 Feature search, per stage l (layer2/3/4), for local crop i of image b (:func:`search_attention`,
 :func:`feature_search`):
@@ -7,7 +8,8 @@ Feature search, per stage l (layer2/3/4), for local crop i of image b (:func:`se
   the caller passes ``map.detach().mean((2, 3))``);
 * keys K = the *teacher* stage map of a global crop of the same image, L2-normalised at every position;
 * attention A(x, y) = <q, K(x, y)> — the raw cosine similarity of Eq. 6, in [-1, 1]: no softmax, no clamp, no
-  division by sum(A), no temperature (the released code; METHODS.md §1.4 step 3, §1.9 item 4);
+  division by sum(A), no temperature (the released code; docs/methods/scfs.md §Feature search step 3,
+  docs/methods/scfs.md §Code vs paper item 4);
 * searched map = A * F'_g (Eq. 7), F'_g the teacher's **un-normalised** map, kept at full H x W — the teacher
   stage head then runs its conv bottleneck on it and mean-pools over all H*W positions (so the paper's
   "attention-weighted average pooling" is really weight map -> bottleneck -> plain mean).
@@ -46,7 +48,7 @@ def _check_query_keys(query: Tensor, key_map: Tensor) -> None:
 
 
 def search_attention(query: Tensor, key_map: Tensor) -> Tensor:
-    """Cosine attention of Eq. 6 (METHODS.md §1.4 steps 1-3).
+    """Cosine attention of Eq. 6 (docs/methods/scfs.md §Feature search, steps 1-3).
 
     Args:
         query: ``[N, C]`` pooled student features of N = n_crops * M local crops (crop-major), any scale (they
@@ -65,7 +67,8 @@ def search_attention(query: Tensor, key_map: Tensor) -> Tensor:
 
 
 def feature_search(query: Tensor, key_map: Tensor, value_map: Tensor | None = None) -> Tensor:
-    """Semantics-consistent feature augmentation of Eq. 7: ``A ⊙ F'_g`` (METHODS.md §1.4 step 4).
+    """Semantics-consistent feature augmentation of Eq. 7: ``A ⊙ F'_g`` (docs/methods/scfs.md §Feature search,
+    step 4).
 
     Args:
         query: ``[N, C]`` pooled student local-crop features (crop-major, N = n_crops * M).
@@ -88,7 +91,7 @@ def feature_search(query: Tensor, key_map: Tensor, value_map: Tensor | None = No
 def scfs_stage_loss(student_global: Tensor | None, teacher_global: Tensor | None, center: Tensor | None,
                     student_local: Tensor | None, search_targets: Tensor | None, student_temp: float,
                     teacher_temp: float, weight: float = 0.5) -> dict[str, Tensor]:
-    """One stage's SCFS loss (METHODS.md §1.5b; paper Eq. 9 plus the released global term).
+    """One stage's SCFS loss (docs/methods/scfs.md §Losses; paper Eq. 9 plus the released global term).
 
     Args:
         student_global: ``[G, B, D]`` student stage-head outputs of the G global crops, or None (no global term).

@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp codes (SwAV; DSC-PM, DSC paper Eqs. 8-9, METHODS.md §4.2), distributed-aware.
+"""Sinkhorn-Knopp codes (SwAV; DSC-PM, DSC paper Eqs. 8-9, docs/methods/dsc.md §Prototypes), distributed-aware.
 
 The codes are an equipartitioned soft assignment of the *global* batch (every rank's samples) to the K
 prototypes: each sample's code sums to 1 and every prototype receives about ``N/K`` of the total mass. Under

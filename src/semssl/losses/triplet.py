@@ -28,7 +28,7 @@ def fg_bg_triplet(z1_fg: Tensor, z1_bg: Tensor, z2_fg: Tensor, z2_bg: Tensor, ma
 
     averaged over the batch. The margin ``alpha`` is on the foreground term **only** (the paper: a strict
     constraint on the foreground pair, a loose one on the background pair). The printed equation's stray double
-    "+" is read as one plus (METHODS.md §3.1).
+    "+" is read as one plus (docs/methods/scd.md §Losses).
 
     Args:
         z1_fg, z1_bg: ``[N, D]`` foreground / background embeddings ``H^s(h^fg)``, ``H^s(h^bg)`` of view 1 (the

@@ -1,5 +1,5 @@
 """BYOL (Grill et al. 2020), symmetric as released in OpenSelfSup, and asymmetric as MSF's BYOL-asym
-(METHODS.md §3.4, §6) — the consistency objective SCD-BYOL builds on.
+(docs/methods/byol.md) — the consistency objective SCD-BYOL builds on.
 
 Online network = backbone + projector ``MLP(d, 4096, proj_dim, BN)`` + predictor ``MLP(proj_dim, 4096, proj_dim,
 BN)``; target = EMA copy of backbone + projector (no predictor). Loss: :func:`semssl.losses.byol.byol_loss`,

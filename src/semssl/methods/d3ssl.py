@@ -1,6 +1,7 @@
-"""D3SSL — de-coupling and de-positioning dense SSL (Qiu et al. 2023, paper 003 §4; METHODS.md §5.2), on SoCo.
+"""D3SSL — de-coupling and de-positioning dense SSL (Qiu et al. 2023, paper 003 §4), on SoCo
+(docs/methods/d3ssl.md §Learning modules).
 
-No official code exists; the paper's equations are the default (DESIGN.md "Decisions" -> D3SSL).  A plug-in of
+No official code exists; the paper's equations are the default (docs/design.md §D3SSL).  A plug-in of
 :class:`~semssl.methods.soco.SoCo`: the same region encoder (RoIAlign 14x14 on C4 -> C5 -> pooling -> projector,
 Eq. 1), the same EMA teacher, the same matching of slots by proposal id and the same two losses; it changes
 which views are compared.
@@ -8,7 +9,7 @@ which views are compared.
 Views (the recipe's ``data`` section):
 
 * ``x1`` — the whole image resized (224), its boxes jittered with RBJ (``box_jitter_p: 0.5``,
-  ``box_jitter_grow: false``: DESIGN.md "RBJ on view-1 boxes");
+  ``box_jitter_grow: false``: docs/design.md §D3SSL, RBJ on view-1 boxes);
 * ``x2`` — RandomResizedCrop scale [0.4, 1] (the paper; SoCo's code 0.6), seen un-augmented by the teacher;
 * ``x2s`` — x2 at 112 px (``geometry_from: x2``), its RoIs 7x7 (``small_views``);
 * de-coupling views ``x^1 = PRM o PRC(x1)``, ``x^2s = PRM o PRC(x2s)`` (Eq. 2): decision — made in the data
@@ -27,7 +28,7 @@ id, each term averaged over the boxes of an image (Eq. 10) and over images:
 
 ``loss: nce`` (default, the paper): InfoNCE with a region memory bank, tau 0.2, L2-normalised projector
 outputs, no predictor, teacher embeddings of both teacher views enqueued after each step, ``bank_size`` per
-recipe (DESIGN.md); ``loss: byol`` uses SoCo's regression (with its predictor) for the same pairs.  Unknown
+recipe (docs/design.md §D3SSL); ``loss: byol`` uses SoCo's regression (with its predictor) for the same pairs.  Unknown
 (the paper's supplement is unavailable): learning rate, batch size, tau, bank size, EMA schedule — SoCo's
 settings are the recipes' defaults.
 """

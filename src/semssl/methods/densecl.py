@@ -1,4 +1,4 @@
-"""DenseCL (Wang et al. 2021) as released (METHODS.md §4.1) — the base DSC extends.
+"""DenseCL (Wang et al. 2021) as released (docs/methods/densecl.md §Model) — the base DSC extends.
 
 MoCo-v2 (:class:`~semssl.methods.mocov2.MoCoV2`: query encoder + EMA key encoder, shuffle-BN, global projector
 ``d -> d -> 128``, InfoNCE against a queue, tau 0.2) plus a dense branch:

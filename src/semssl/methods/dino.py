@@ -1,4 +1,5 @@
-"""DINO with a ResNet backbone (Caron et al. 2021; METHODS.md §2, and §1.1-1.7 for the parts SCFS shares).
+"""DINO with a ResNet or ViT backbone (Caron et al. 2021; docs/methods/dino.md, shared with SCFS; the ViT parts:
+docs/methods/dino.md §ViT).
 
 * Student = backbone + :class:`~semssl.models.heads.DINOHead` (3-layer MLP with GELU, hidden 2048, L2-normalised
   256-d bottleneck, weight-normalised last layer to ``out_dim`` = 65536 with its gain frozen at 1); teacher = an
@@ -17,6 +18,11 @@
   (:meth:`on_after_backward`, after clipping, as DINO's ``cancel_gradients_last_layer``). Per-parameter
   gradient clipping (3.0) is the engine's (``optim.clip_grad``, ``optim.clip_mode: per_param``).
 * Evaluation reads the **teacher** backbone (``default_branch``), as DINO's k-NN/linear scripts do.
+* ViT backbones (``model.arch: vit_tiny | vit_small | vit_base``, :mod:`semssl.models.vit`): the head reads the
+  CLS token; the student has the stochastic depth ``model.drop_path`` and the teacher none (DINO builds its
+  teacher without it; here the teacher copy has every ``DropPath`` set to 0); the features add DINO's linear
+  evaluation kinds ``cls_last4`` and ``cls_avgpool`` and the token grids ``block<i>``. DINO's ViT optimisation
+  (AdamW, weight decay 0.04 -> 0.4, ...) is the recipes' (``dino_vit-s16_*``, ``dino_vit-b16_*``).
 
 Logged besides the loss (the engine logs ``teacher_temp`` with the other schedules): two collapse monitors: ``teacher_entropy`` (mean entropy of the
 centred teacher targets, nats; ``log(out_dim)`` = uniform collapse, 0 = one-hot collapse) and ``embed_std``
@@ -41,6 +47,7 @@ from semssl.methods import register
 from semssl.methods.base import Method, MethodConfig
 from semssl.models.backbones import ResNetBackbone, build_backbone
 from semssl.models.heads import DINOHead
+from semssl.models.vit import is_vit, without_drop_path
 from semssl.schedules import Progress, ScheduleConfig, resolve_length
 
 
@@ -93,10 +100,16 @@ class DINONetwork(nn.Module):
     def __init__(self, backbone: ResNetBackbone, head: DINOHead) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        #: the stage maps the backbone returns (None: all; a ViT's DINO asks for none, SCFS for its stages, so a
+        #: ViT does not lay out twelve token grids nobody reads)
+        self.stages: tuple[str, ...] | None = None
+
+    def _backbone(self, x: Tensor) -> dict[str, Tensor]:
+        return self.backbone(x) if self.stages is None else self.backbone(x, stages=self.stages)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """The backbone's stage maps and ``pooled`` vector plus ``logits`` (the head's output)."""
-        out = self.backbone(x)
+        out = self._backbone(x)
         out["logits"] = self.head(out["pooled"])
         return out
 
@@ -104,7 +117,7 @@ class DINONetwork(nn.Module):
         """One output dict per tensor of ``xs`` (one tensor per resolution), as DINO's ``MultiCropWrapper``: the
         backbone runs once per resolution, the head once over the pooled vectors of every crop together, so a
         head with BatchNorm normalises global and local crops with the same batch statistics."""
-        outs = [self.backbone(x) for x in xs]
+        outs = [self._backbone(x) for x in xs]
         logits = self.head(torch.cat([o["pooled"] for o in outs]))
         for out, part in zip(outs, logits.split([o["pooled"].shape[0] for o in outs])):
             out["logits"] = part
@@ -123,6 +136,11 @@ class DINO(Method):
                         batch_norm=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer)
         self.student = DINONetwork(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if is_vit(model_cfg.arch):
+            # DINO builds its ViT teacher without drop path (main_dino.py: drop_path_rate for the student only)
+            without_drop_path(self.teacher)
+            self.feature_kinds = tuple(backbone.feature_kinds)  # pooled, cls_last4, cls_avgpool, block1..
+            self.student.stages = self.teacher.stages = ()
         self.dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
 
     # -- declarations ----------------------------------------------------------------------------------------
@@ -142,7 +160,7 @@ class DINO(Method):
 
     def schedules(self) -> dict[str, ScheduleConfig]:
         """The EMA momentum (base) and DINO's teacher temperature: per epoch, ``linspace(warmup_teacher_temp,
-        teacher_temp, ramp)`` then ``teacher_temp`` (METHODS.md §1.6)."""
+        teacher_temp, ramp)`` then ``teacher_temp`` (docs/methods/dino.md §Schedules)."""
         c = self.cfg
         return {**super().schedules(),
                 "teacher_temp": ScheduleConfig(kind="linear", base=c.warmup_teacher_temp, final=c.teacher_temp,

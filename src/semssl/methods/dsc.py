@@ -1,4 +1,5 @@
-"""DSC — Dense Semantic Contrast (Li et al., ACM MM'21; paper 002; METHODS.md §4.2; DESIGN.md "DSC").
+"""DSC — Dense Semantic Contrast (Li et al., ACM MM'21; paper 002; docs/methods/dsc.md §Semantic losses;
+docs/design.md §DSC).
 
 DenseCL (:class:`~semssl.methods.densecl.DenseCL`, reused as is: global MoCo-v2 term, dense projections,
 argmax correspondence, dense InfoNCE with the pooled dense queue) plus one semantic term (Eq. 10)::

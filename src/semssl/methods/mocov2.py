@@ -1,4 +1,4 @@
-"""MoCo-v2 (Chen et al. 2020; METHODS.md §3.4) — the consistency objective SCD and DSC build on.
+"""MoCo-v2 (Chen et al. 2020; docs/methods/mocov2.md) — the consistency objective SCD and DSC build on.
 
 Query encoder = backbone + MLP projector (``dim -> dim -> 128``, no BN, as the ``--mlp`` head: 2048-2048-128 on
 ResNet-50); key encoder = EMA copy (momentum 0.999, constant); InfoNCE with tau 0.2 against a queue of past keys

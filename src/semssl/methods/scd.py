@@ -1,4 +1,4 @@
-"""SCD — Semantic-guided Consistency and Discrimination (paper 001; METHODS.md §3), a plug-in on a consistency
+"""SCD — Semantic-guided Consistency and Discrimination (paper 001; docs/methods/scd.md), a plug-in on a consistency
 objective: ``scd_mocov2`` (SCD-MoCo: MoCo-v2's InfoNCE with a queue) and ``scd_byol`` (SCD-BYOL: BYOL's
 normalised regression, asymmetric 1x backprop by default, ``symmetric: true`` for SCD-BYOL (2x)).
 
@@ -18,7 +18,7 @@ same forward (the base returns them: ``key_outputs`` / ``target_outputs`` ask th
 ``layer4`` in batch order). A symmetric base (MoCo ``symmetric``, BYOL ``symmetric``) calls it once per
 direction, so the triplet is symmetrised exactly like the consistency loss (averaged in MoCo, summed in BYOL).
 
-Decisions on points the paper leaves open (METHODS.md §3.2; DESIGN.md "SCD"):
+Decisions on points the paper leaves open (docs/methods/scd.md §Decisions):
 
 * view 2's ``z2^fg``, ``z2^bg`` come from the **target** network (EMA backbone, EMA saliency net, EMA semantic
   projector, no gradient): the Siamese framing of §4.2 ("the target network ... has the same architecture");

@@ -1,7 +1,8 @@
-"""SCFS — Semantics-Consistent Feature Search (Song et al., ICCV 2023; METHODS.md §1), a plug-in on :class:`DINO`.
+"""SCFS — Semantics-Consistent Feature Search (Song et al., ICCV 2023; docs/methods/scfs.md), a plug-in on
+:class:`DINO`.
 
 DINO's forward and loss are reused (:meth:`DINO.dino_forward`); SCFS adds, for every stage in ``stages``
-(default layer2/3/4 — the paper's Res2/3/4, METHODS.md §1.1), a student and an EMA-teacher
+(default layer2/3/4 — the paper's Res2/3/4, docs/methods/scfs.md §Model), a student and an EMA-teacher
 :class:`~semssl.models.heads.SearchHead` (256-d L2-normalised output) with its own 256-d center, and the loss of
 :mod:`semssl.losses.scfs`:
 
@@ -15,12 +16,12 @@ DINO's forward and loss are reused (:meth:`DINO.dino_forward`); SCFS adds, for e
 * global term (released code, not in the paper's equations): DINO's loss between the stage heads' outputs of
   the two global crops, centred with the stage center, which is updated from these teacher outputs only.
 
-BatchNorm batches follow the released calls (METHODS.md §1.4): the teacher stage head runs once on the G*B global
-maps and once on all searched maps; the student stage head once per resolution group (the global crops, then each
-local view). Gradients reach only the student (backbone through its own stage maps, stage heads, DINO head); the
-teacher, the search and the targets are computed without gradient.
+BatchNorm batches follow the released calls (docs/methods/scfs.md §Feature search): the teacher stage head runs
+once on the G*B global maps and once on all searched maps; the student stage head once per resolution group (the
+global crops, then each local view). Gradients reach only the student (backbone through its own stage maps, stage heads,
+DINO head); the teacher, the search and the targets are computed without gradient.
 
-Decisions (default = the released code, METHODS.md §1.9; the paper's reading as an option):
+Decisions (default = the released code, docs/methods/scfs.md §Code vs paper; the paper's reading as an option):
 
 * ``search_views: first`` searches global crop 0 only (released); ``both`` searches both global crops (paper
   Eq. 9) and averages the local term over the two searches (the released code averages, rather than sums, every
@@ -50,11 +51,29 @@ Decisions (default = the released code, METHODS.md §1.9; the paper's reading as
 
   The no-multi-crop variants read only ``views[0]``; a recipe should drop its local view (or the data pipeline
   makes crops nobody reads).
+
+ViT backbones (SCFS Table 10: ViT-S/16, ViT-B/16; docs/methods/scfs.md §ViT). The released code has no ViT, so
+this is a decision:
+
+* the stages are token grids chosen by name, ``stages: [block4, block8, block12]`` of 12 blocks (a third, two
+  thirds and the end of the network, as layer2/3/4 are the last three of a ResNet's four stages); a grid is the
+  patch tokens after the final LayerNorm, ``[B, C, h, w]`` (:mod:`semssl.models.vit`);
+* the search is unchanged on those grids: the query is the mean of the student's (detached) local-crop patch
+  tokens, the keys are global crop 0's LayerNorm-ed token grid of the teacher (L2-normalised per token by the
+  search), the value the same grid; the CLS token takes no part (it is the DINO head's input);
+* the search heads become token-wise: :class:`~semssl.models.heads.SearchHead` with ``kernel_size=1``, so every
+  layer before the pooling acts on each token alone (1x1 convolutions on the grid = per-token linears, BatchNorm
+  over the batch and the tokens), the same residual-bottleneck, pooling and MLP output (256-d, L2-normalised).
+  A 3x3 convolution would mix neighbouring patches, which a ViT's own layers do not do outside attention.
+
+Why: each piece keeps what SCFS does on a ResNet (the same attention, the same pooled target through the same
+kind of head, the same losses and BatchNorm call grouping), and only the ResNet-specific spatial kernel goes.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,6 +89,7 @@ from semssl.methods import register
 from semssl.methods.dino import DINO, DINOConfig
 from semssl.models.backbones import STAGES
 from semssl.models.heads import SearchHead
+from semssl.models.vit import is_vit
 from semssl.schedules import Progress
 
 VARIANTS = ("scfs", "dino", "dino_ml", "roi_crop", "no_multicrop", "dino_no_multicrop")
@@ -89,7 +109,7 @@ class SCFSConfig(DINOConfig):
     stage_hidden_dim: int = 2048
     stage_mid_channels: int = 256
     roi_output_size: int = 5
-    # SCFS's script: teacher temperature 0.04 -> 0.07 over 50 epochs (METHODS.md §1.6)
+    # SCFS's script: teacher temperature 0.04 -> 0.07 over 50 epochs (docs/methods/scfs.md §Schedules)
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int | float | str = 50
 
@@ -97,9 +117,10 @@ class SCFSConfig(DINOConfig):
         super().__post_init__()
         if isinstance(self.stages, str) or len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages: expected a list of distinct stage names, got {self.stages!r}")
-        bad = [s for s in self.stages if s not in STAGES]
+        bad = [s for s in self.stages if s not in STAGES and not re.fullmatch(r"block[1-9][0-9]*", str(s))]
         if bad:
-            raise ConfigError(f"stages: unknown stage(s) {bad} (valid: {list(STAGES)})")
+            raise ConfigError(f"stages: unknown stage(s) {bad} (valid: {list(STAGES)} for a ResNet, block1..block12 "
+                              f"for a ViT)")
         if self.variant not in _NO_STAGE_HEADS and not self.stages:
             raise ConfigError(f"stages: variant '{self.variant}' needs at least one stage")
         two_globals = (self.variant == "no_multicrop" or self.search_views == "both"
@@ -117,7 +138,8 @@ class SCFSConfig(DINOConfig):
 
 def roi_regions(local_geometry: Tensor, global_geometry: Tensor, local_size: int, global_size: int,
                 batch_size: int) -> tuple[Tensor, Tensor]:
-    """Where each local crop lies inside the global crops of its image (ROI-crop variant; DESIGN.md "SCFS").
+    """Where each local crop lies inside the global crops of its image (ROI-crop variant;
+    docs/methods/scfs.md §Variants).
 
     Args:
         local_geometry: ``[L*B, 5]`` recorded geometry (x1, y1, x2, y2, flip in source pixels) of the local crops,
@@ -158,9 +180,19 @@ class SCFS(DINO):
         super().__init__(cfg, model_cfg)
         self.stages: tuple[str, ...] = () if cfg.variant in _NO_STAGE_HEADS else tuple(cfg.stages)
         channels = self.student.backbone.channels
+        missing = [s for s in self.stages if s not in channels]
+        if missing:
+            hint = " (ViT: e.g. method.stages=[block4,block8,block12])" if is_vit(model_cfg.arch) else ""
+            raise ConfigError(f"method.stages: {missing} are not stages of model.arch {model_cfg.arch} "
+                              f"({', '.join(channels)}){hint}")
+        # a ViT's search heads are token-wise: the 3x3 conv of the bottleneck becomes a 1x1 (module docstring)
+        kernel = 1 if is_vit(model_cfg.arch) else 3
         self.student_heads = nn.ModuleDict({
-            s: SearchHead(channels[s], cfg.stage_mid_channels, cfg.stage_hidden_dim, cfg.stage_out_dim)
+            s: SearchHead(channels[s], cfg.stage_mid_channels, cfg.stage_hidden_dim, cfg.stage_out_dim,
+                          kernel_size=kernel)
             for s in self.stages})
+        if is_vit(model_cfg.arch):
+            self.student.stages = self.teacher.stages = self.stages
         self.teacher_heads = copy.deepcopy(self.student_heads).requires_grad_(False)
         self.stage_centers = nn.ModuleDict({s: Center(cfg.stage_out_dim, cfg.center_momentum) for s in self.stages})
 

@@ -1,4 +1,4 @@
-"""SoCo, C4 variant, as released (Wei et al. 2021; METHODS.md §5.1) — the base D3SSL extends.
+"""SoCo, C4 variant, as released (Wei et al. 2021; docs/methods/soco.md §Network) — the base D3SSL extends.
 
 Data (the recipe's ``data`` section, not this file): view ``x1`` = the whole image resized (``whole_image: true``,
 224 px, ``byol_view1`` colours), view ``x2`` = RandomResizedCrop 224 of scale (0.6, 1) (``byol_view2``) with
@@ -14,7 +14,7 @@ only).  Target = EMA copy of backbone + projector, momentum 0.99 -> 1 (cosine pe
 (:func:`~semssl.losses.region.region_correspondence`), symmetrised (view 1 online -> view 2 target + view 2 online
 -> view 1 target, summed).
 
-Options (decisions; DESIGN.md "D3SSL": both losses are available to both methods):
+Options (decisions; docs/design.md §D3SSL: both losses are available to both methods):
 
 * ``loss: nce`` — InfoNCE with a region memory bank (D3SSL's loss, :func:`~semssl.losses.region.region_nce`): tau
   ``temperature``, L2-normalised projector outputs, ``bank_size`` entries, the teacher embeddings of both views

@@ -9,6 +9,9 @@ of ``torchvision.models.resnetXX`` (without ``fc``), so a trained backbone expor
 ``width`` is the ResNet base width (``model.width``): the stem has ``width`` channels and stage i has
 ``width * 2**i`` planes (times 4 for ResNet-50's bottlenecks), so 64 is torchvision's network and 32 / 16 are
 narrower ones for small runs. Every channel count follows it (``channels``, ``dim``, and the heads built on them).
+
+Vision Transformers (``model.arch: vit_tiny | vit_small | vit_base``) follow the same contract with token grids
+``block1..block12`` in place of the stage maps: :mod:`semssl.models.vit`; :func:`build_backbone` builds either.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from semssl.errors import ConfigError
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
-#: block type and blocks per stage of each supported depth (torchvision's resnet18/34/50)
+#: block type and blocks per stage of each supported depth (torchvision's resnet18/34/50/101)
 ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
 }
 
 
@@ -113,7 +117,7 @@ class ResNetBackbone(nn.Module):
     """A torchvision ResNet trunk exposing ``layer1..layer4`` maps and the global-average-pooled vector.
 
     Args:
-        arch: ``resnet18`` | ``resnet34`` | ``resnet50``.
+        arch: ``resnet18`` | ``resnet34`` | ``resnet50`` | ``resnet101``.
         small_input: replace the 7x7/2 stem and max-pool by a 3x3/1 conv (for 32-64 px inputs).
         zero_init_residual: zero-init the last BN gamma of every block (SoCo's ResNet does this).
         norm: ``bn``, ``gn`` (GroupNorm) or ``frozen_bn``.
@@ -133,7 +137,7 @@ class ResNetBackbone(nn.Module):
                  norm: str = "bn", bn_splits: int = 1, width: int = 64) -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"model.arch: unknown backbone '{arch}' (resnet18, resnet34, resnet50)")
+            raise ValueError(f"model.arch: unknown backbone '{arch}' ({', '.join(ARCHS)})")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ConfigError(f"model.width: expected a positive int (64 = torchvision's ResNet), got {width!r}")
         block, depths = ARCHS[arch]
@@ -202,12 +206,72 @@ class ResNetBackbone(nn.Module):
 
 def backbone_features(backbone: ResNetBackbone, images: Tensor, kind: str = "pooled") -> Tensor:
     """``pooled`` ``[B, C]`` or one stage map (``layer1..layer4``) of ``backbone`` on ``images``; a stage map runs
-    the trunk only up to that stage."""
+    the trunk only up to that stage. A ViT (:class:`~semssl.models.vit.ViTBackbone`) answers its own kinds
+    (``pooled``, ``cls_last4``, ``cls_avgpool``, ``block<i>``)."""
+    if hasattr(backbone, "last_selfattention"):  # a ViTBackbone
+        return backbone.features(images, kind)
     if kind == "pooled":
         return backbone(images)["pooled"]
     if kind in STAGES:
         return backbone(images, stages=(kind,), upto=kind)[kind]
     raise ConfigError(f"unknown feature kind '{kind}' (pooled, {', '.join(STAGES)})")
+
+
+#: the output strides :func:`dilate_backbone` makes (of the standard stem)
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def _dilate_stage(stage: nn.Module, name: str, previous: int, dilation: int) -> None:
+    """One stage's stride-2 3x3 conv to stride 1 with dilation ``previous``, every later 3x3 conv of the stage to
+    dilation ``dilation`` (padding alike) and the projection shortcut's stride to 1, in place."""
+    seen_stride = False
+    for block in stage.children():
+        for child_name, module in block.named_children():
+            if child_name == "downsample":
+                for conv in module.modules():
+                    if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
+                        conv.stride = (1, 1)
+                continue
+            if not isinstance(module, nn.Conv2d) or module.kernel_size != (3, 3):
+                continue
+            if module.stride != (1, 1):
+                if seen_stride:
+                    raise ConfigError(f"output_stride: {name} has more than one strided 3x3 conv")
+                module.stride, module.dilation, module.padding = (1, 1), (previous, previous), (previous, previous)
+                seen_stride = True
+            elif seen_stride:
+                module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+    if not seen_stride:
+        raise ConfigError(f"output_stride: {name} has no stride-2 conv to dilate (already dilated?)")
+
+
+def dilate_backbone(backbone: nn.Module, output_stride: int) -> nn.Module:
+    """Dilate a :class:`ResNetBackbone` in place to ``output_stride``: 8 dilates ``layer3`` (2) and ``layer4`` (4),
+    16 ``layer4`` (2), 32 nothing. Updates ``backbone.strides``; returns the backbone.
+
+    The stride-2 3x3 conv of a dilated stage becomes stride 1 with the previous dilation, every later 3x3 conv of
+    the stage gets the new one, the projection shortcut loses its stride: torchvision's
+    ``replace_stride_with_dilation`` rule, done here for both block types because torchvision refuses it for
+    ``BasicBlock`` (ResNet-18/34). For ``Bottleneck`` that is exactly torchvision's network; for both it is the
+    *a trous* equivalent of the original: the dilated map sub-sampled by the stride removed equals the undilated
+    one, in eval mode (tested). ``output_stride`` is named for the standard stem (with the small-input stem every
+    map is 4x denser). Used by ``semssl transfer segment`` and the dense probe's ``--output-stride``."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output_stride: expected one of {OUTPUT_STRIDES}, got {output_stride}")
+    dilated = {8: ("layer3", "layer4"), 16: ("layer4",), 32: ()}[output_stride]
+    dilation = 1
+    for name in dilated:
+        previous, dilation = dilation, dilation * 2
+        _dilate_stage(backbone.stage(name), name, previous, dilation)
+    if hasattr(backbone, "strides"):
+        strides = dict(backbone.strides)
+        factor = 1
+        for name in ("layer3", "layer4"):
+            if name in dilated:
+                factor *= 2
+            strides[name] = strides[name] // factor
+        backbone.strides = strides
+    return backbone
 
 
 class BackboneModel(nn.Module):
@@ -221,6 +285,7 @@ class BackboneModel(nn.Module):
     def __init__(self, backbone: ResNetBackbone) -> None:
         super().__init__()
         self.backbone = backbone
+        self.feature_kinds = tuple(getattr(backbone, "feature_kinds", BackboneModel.feature_kinds))
 
     def resolve_branch(self, branch: str | None = None) -> str:
         if branch not in (None, "online"):
@@ -237,7 +302,13 @@ class BackboneModel(nn.Module):
 
 
 def build_backbone(cfg) -> ResNetBackbone:
-    """Backbone from a :class:`semssl.config.ModelConfig`."""
+    """Backbone from a :class:`semssl.config.ModelConfig`: a ResNet, or a ViT (:mod:`semssl.models.vit`) for
+    ``model.arch: vit_tiny | vit_small | vit_base`` (``model.patch_size``, ``model.img_size``,
+    ``model.drop_path``)."""
+    from semssl.models.vit import ViTBackbone, is_vit
+
+    if is_vit(cfg.arch):
+        return ViTBackbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, drop_path=cfg.drop_path)
     model = ResNetBackbone(cfg.arch, small_input=cfg.small_input, zero_init_residual=cfg.zero_init_residual,
                            norm=cfg.norm, bn_splits=cfg.bn_splits, width=cfg.width)
     if cfg.channels_last:

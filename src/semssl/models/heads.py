@@ -57,7 +57,7 @@ class SaliencyNet(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO's head (METHODS.md §1.2 item 1, §2; SCFS's "four-layer MLP"): an ``num_layers``-layer MLP
+    """DINO's head (docs/methods/dino.md §Model; SCFS's "four-layer MLP"): an ``num_layers``-layer MLP
     ``Linear(in, hidden) -> [BN] -> GELU -> ... -> Linear(hidden, bottleneck)``, L2 normalisation, then a
     weight-normalised ``Linear(bottleneck, out_dim, bias=False)`` whose gain g is set to 1 and, with
     ``norm_last_layer`` (DINO's default), frozen — so every prototype is a unit vector and the logits lie in
@@ -103,7 +103,7 @@ class DINOHead(nn.Module):
 
 
 class SearchHead(nn.Module):
-    """SCFS's feature-search head, one per stage (METHODS.md §1.2 item 2, the released ``DINOShallowHead``;
+    """SCFS's feature-search head, one per stage (docs/methods/scfs.md §Model, the released ``DINOShallowHead``;
     paper: "three conv layers and two FC layers"), on a stage map ``[B, C, H, W]``:
 
     residual bottleneck ``conv1x1(C -> mid) -> BN -> ReLU -> conv3x3(mid -> mid) -> BN -> ReLU -> conv1x1(mid -> C)
@@ -111,14 +111,22 @@ class SearchHead(nn.Module):
     Linear(hidden -> out) -> BN1d``; L2 normalisation. Output ``[B, out]`` (unit vectors, so logits / tau are
     bounded). Convs without bias, linears with; PyTorch's default init (as released). ResNet-50: mid 256,
     hidden 2048, out 256 for C = 512 / 1024 / 2048 (layer2 / 3 / 4).
+
+    ``kernel_size=1`` makes the middle convolution a 1x1: every layer before the pooling then acts on each
+    position alone — the token-wise head of SCFS on a ViT's token grid (docs/methods/scfs.md §ViT).
     """
 
-    def __init__(self, in_channels: int, mid_channels: int = 256, hidden_dim: int = 2048, out_dim: int = 256) -> None:
+    def __init__(self, in_channels: int, mid_channels: int = 256, hidden_dim: int = 2048, out_dim: int = 256,
+                 kernel_size: int = 3) -> None:
         super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"SearchHead: kernel_size must be 3 (ResNet stage maps) or 1 (ViT tokens), got "
+                             f"{kernel_size}")
         c, m = in_channels, mid_channels
         self.bottleneck = nn.Sequential(
             nn.Conv2d(c, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True),
-            nn.Conv2d(m, m, 3, padding=1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True),
+            nn.Conv2d(m, m, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(m),
+            nn.ReLU(inplace=True),
             nn.Conv2d(m, c, 1, bias=False), nn.BatchNorm2d(c),
         )
         self.mlp = nn.Sequential(nn.Linear(c, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
@@ -130,17 +138,18 @@ class SearchHead(nn.Module):
 
 
 class ConvMLP(nn.Sequential):
-    """DenseCL's dense projection neck (METHODS.md §4.1): ``conv1x1(in -> hidden) -> ReLU -> conv1x1(hidden ->
-    out)`` on a stage map ``[B, C, h, w]``, no BN, no pooling (every position keeps its vector); PyTorch's
-    default init (DenseCL's Kaiming init applies to its Linear layers only). ResNet-50: 2048-2048-128."""
+    """DenseCL's dense projection neck (docs/methods/densecl.md §Model): ``conv1x1(in -> hidden) -> ReLU ->
+    conv1x1(hidden -> out)`` on a stage map ``[B, C, h, w]``, no BN, no pooling (every position keeps its
+    vector); PyTorch's default init (DenseCL's Kaiming init applies to its Linear layers only). ResNet-50:
+    2048-2048-128."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 class Prototypes(nn.Module):
-    """SwAV-style prototypes (DSC-PM, METHODS.md §4.2): a bias-free ``Linear(dim, K)`` whose rows are the
-    prototypes. :meth:`normalize_` L2-normalises them in place (SwAV does it before every iteration), so on
+    """SwAV-style prototypes (DSC-PM, docs/methods/dsc.md §Prototypes): a bias-free ``Linear(dim, K)`` whose rows
+    are the prototypes. :meth:`normalize_` L2-normalises them in place (SwAV does it before every iteration), so on
     L2-normalised inputs the scores are cosines; :meth:`scores` normalises on the fly without changing weights."""
 
     def __init__(self, dim: int, num_prototypes: int) -> None:

@@ -40,7 +40,9 @@ from semssl.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("semssl.transfer")
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: backbones a checkpoint may hold besides the ResNets (``semssl export`` only; random init builds ResNets)
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
 STATE_FILE = "state.pt"
 
 
@@ -54,8 +56,8 @@ class BackboneSource:
     Args:
         checkpoint: a semssl run folder or ``.ckpt``, or a plain torchvision ResNet ``state_dict``.
         random_init: start from a random network instead (``checkpoint`` must then be None).
-        arch: ``resnet18|34|50``; for a state_dict the depth it must have (inferred if None); for random init the
-            depth to build (``resnet50`` if None). A checkpoint of another depth is an error naming both.
+        arch: ``resnet18|34|50|101`` (a checkpoint: also ``vit_tiny|small|base``); for a state_dict the depth it must
+            have (inferred if None); for random init the depth to build (``resnet50`` if None). A checkpoint of another depth is an error naming both.
         width: random init only: the ResNet base width (64 = torchvision's).
         small_input: random init only: the 3x3/1 stem without max-pool.
         branch: which network of a semssl checkpoint (``online`` / ``teacher``; default: the method's).
@@ -74,8 +76,11 @@ class BackboneSource:
         if self.random_init == bool(self.checkpoint):
             raise ConfigError("give a checkpoint (a run folder, a .ckpt or a torchvision state_dict) or random_init, "
                               "not both and not neither")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise ConfigError(f"arch: unknown backbone '{self.arch}' ({', '.join(ARCHS)})")
+        if self.arch is not None and self.arch not in (*ARCHS, *VIT_ARCHS):
+            raise ConfigError(f"arch: unknown backbone '{self.arch}' ({', '.join(ARCHS + VIT_ARCHS)})")
+        if self.random_init and self.arch in VIT_ARCHS:
+            raise ConfigError(f"arch {self.arch}: a random init builds a ResNet ({', '.join(ARCHS)}); a ViT comes "
+                              f"from a checkpoint")
 
 
 def plain_batchnorm(module: nn.Module) -> nn.Module:
@@ -113,9 +118,13 @@ def frozen_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_backbone(source: BackboneSource) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(source: BackboneSource, allow_vit: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """A trainable copy of the chosen backbone (a :class:`semssl.models.backbones.ResNetBackbone`) and an info
-    dict (``source``, ``method``, ``branch``, ``arch``, ``width``, ``small_input``)."""
+    dict (``source``, ``method``, ``branch``, ``arch``, ``width``, ``small_input``).
+
+    A ViT checkpoint (:class:`semssl.models.vit.ViTBackbone`; ``width`` None, ``patch_size`` and ``img_size`` in
+    the info) only with ``allow_vit`` (``semssl export``): the other protocols read a ResNet's stage maps or
+    BatchNorms, and refuse it with a :class:`CheckpointError` naming the architecture."""
     from semssl.checkpoints import load_model
     from semssl.models.backbones import ResNetBackbone
 
@@ -132,11 +141,16 @@ def load_backbone(source: BackboneSource) -> tuple[nn.Module, dict[str, Any]]:
             raise CheckpointError(f"{info['source']}: a {backbone.arch} backbone, but arch={source.arch} was asked "
                                   f"for (a checkpoint of another architecture)")
         info = {"source": info["source"], "method": info.get("method"), "branch": branch}
+        if hasattr(backbone, "last_selfattention") and not allow_vit:
+            raise CheckpointError(f"{info['source']}: a {backbone.arch} (ViT) backbone; this protocol needs a "
+                                  f"ResNet ({', '.join(ARCHS)}); `semssl export --format timm` writes a ViT")
     backbone = plain_batchnorm(backbone).float().to(memory_format=torch.contiguous_format)
     backbone.train()
     for p in backbone.parameters():
         p.requires_grad_(True)
-    info.update(arch=backbone.arch, width=backbone.width, small_input=backbone.small_input)
+    info.update(arch=backbone.arch, width=getattr(backbone, "width", None), small_input=backbone.small_input)
+    if hasattr(backbone, "last_selfattention"):
+        info.update(patch_size=backbone.patch_size, img_size=backbone.img_size)
     return backbone, info
 
 

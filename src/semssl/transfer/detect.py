@@ -1,7 +1,7 @@
 """``semssl transfer detect``: Faster R-CNN and Mask R-CNN fine-tuned on a pre-trained backbone, in the papers'
 two layouts (R50-C4 and R50-FPN), evaluated with pycocotools (COCO AP, AP50, AP75 for boxes and masks).
 
-The protocol of MoCo / DenseCL / SCD / SoCo / D3SSL (METHODS.md, "Transfer"), on any checkpoint
+The protocol of MoCo / DenseCL / SCD / SoCo / D3SSL (docs/methods/transfer.md), on any checkpoint
 (:mod:`semssl.transfer.common`), built from torchvision's public detection classes.
 
 Layouts (:func:`build_detector`)
@@ -55,7 +55,8 @@ Data
 Training
     :func:`~semssl.transfer.common.train_iterations` over :func:`~semssl.transfer.common.batches_from`; the loss
     is the sum of torchvision's loss dict (each term logged). SGD, momentum 0.9, ``lr``, ``weight_decay`` (1e-4;
-    SoCo / D3SSL fine-tune with 2.5e-5, METHODS.md 5.1); Decision: no weight decay on norm parameters
+    SoCo / D3SSL fine-tune with 2.5e-5, docs/methods/soco.md §Evaluation); Decision: no weight decay on norm
+    parameters
     (Detectron2's WEIGHT_DECAY_NORM = 0). Linear warm-up over ``warmup`` iterations (from ``lr / warmup``, not
     Detectron2's ``lr / 1000``), then x0.1 at each of ``milestones`` (fractions of the run).
     Resumable from ``<out_dir>/state.pt``. Decision: the run's length is not part of the resume identity, so a
@@ -158,7 +159,8 @@ class DetectConfig:
 # field.
 RECIPES: dict[str, dict[str, Any]] = {
     # MoCo's detectron2 config pascal_voc_R_50_C4_24k (Base-RCNN-C4-BN; also DenseCL's and SCD's VOC protocol,
-    # METHODS.md 3.x / 4.1): Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test (COCO-format JSONs of them),
+    # docs/methods/scd.md §Evaluation, docs/methods/densecl.md §Evaluation): Faster R-CNN R50-C4, VOC07+12
+    # trainval -> VOC07 test (COCO-format JSONs of them),
     # batch 16, lr 0.02, 24k iterations, steps 18k / 22k, warm-up 100, train min size 480..800 step 32, test 800,
     # max 1333, SyncBN (naiveSyncBN) with FREEZE_AT 0 (everything trains) and Res5ROIHeadsExtraNorm, wd 1e-4.
     # Not done: TEST.PRECISE_BN. For SoCo / D3SSL pass weight_decay=2.5e-5.
@@ -169,7 +171,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Mask R-CNN R50-C4 1x on COCO train2017 -> val2017 (SoCo / D3SSL's protocol, SCD's COCO table; MoCo's
     # coco_R_50_C4 config at the 1x length): 90k iterations, steps 60k / 80k, batch 16, lr 0.02, warm-up 1000
     # (Detectron2's default), train min size 640..800 step 32, test 800, max 1333, SyncBN, extra norm, all stages
-    # trained. SoCo / D3SSL: weight_decay=2.5e-5 (METHODS.md 5.1).
+    # trained. SoCo / D3SSL: weight_decay=2.5e-5 (docs/methods/soco.md §Evaluation).
     "coco_1x_c4": {"layout": "c4", "task": "mask", "norm": "syncbn", "iterations": 90000, "batch_size": 16,
                    "lr": 0.02, "weight_decay": 1e-4, "warmup": 1000, "milestones": (60000 / 90000, 80000 / 90000),
                    "min_size": tuple(range(640, 801, 32)), "max_size": 1333, "trainable_stages": 5,

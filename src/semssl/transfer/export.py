@@ -72,6 +72,13 @@ float32 rounding scales with the magnitude (a random-init ResNet-50 at 224 px ha
 where 1e-4 is a few ulps); a wrong graph differs by the features' own scale. Otherwise :class:`ExportError`,
 and any earlier ``<name>.onnx`` stays.
 
+ViT. A ViT backbone (:class:`~semssl.models.vit.ViTBackbone`, a subclass of timm's ``VisionTransformer``) is
+written in the ``timm`` format only: its own ``state_dict`` (no head), which ``timm.create_model(
+"vit_small_patch16_224", pretrained=False, num_classes=0)`` — with ``patch_size=`` / ``img_size=`` where they
+differ from 16 / 224, as the JSON's ``timm_kwargs`` and load hint say — loads strictly; the check compares the
+two on a batch at the native side. torchvision and detectron2 have no such network (a ConfigError after the
+checkpoint is read, before any file is written); DINO's own ``vision_transformer.py`` uses the same key names.
+
 Writing. Each file goes to a temporary file in ``out_dir`` and is renamed over its name (as
 :func:`semssl.checkpoints.atomic_torch_save`), so a crash or a failed check never leaves a half-written file and
 never clobbers the previous one; the JSON is rewritten after each file (``"complete": false`` until the last), so
@@ -102,7 +109,9 @@ log = logging.getLogger("semssl.transfer")
 FORMATS = ("torchvision", "timm", "detectron2", "onnx")
 SUFFIXES = {"torchvision": ".torchvision.pth", "timm": ".timm.pth", "detectron2": ".detectron2.pkl",
             "onnx": ".onnx"}
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+#: the formats a ViT backbone is written in (module docstring, "ViT")
+VIT_FORMATS = ("timm",)
 ONNX_SAMPLE_BATCH, ONNX_CHECK_BATCH = 2, 3
 ONNX_TOLERANCE = 1e-4  # times max(1, max |feature|): module docstring
 BUILDER_TOLERANCE = 1e-6  # the same modules on the same weights: equal in practice (max difference recorded)
@@ -125,14 +134,23 @@ def torchvision_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
     if any(k.startswith("fc.") for k in state):
         raise ConfigError("torchvision_state_dict: expected a backbone without fc (a semssl ResNetBackbone)")
+    if _is_vit(backbone):
+        return state
     for name, module in backbone.named_modules():
         if isinstance(module, FrozenBatchNorm2d):
             state[f"{name}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
     return state
 
 
+def _is_vit(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "last_selfattention")
+
+
 def builder_compatibility(backbone: nn.Module) -> list[str]:
-    """Why torchvision's / timm's ``resnetXX`` builders do not make this network (empty: they do)."""
+    """Why torchvision's / timm's ``resnetXX`` builders do not make this network (empty: they do). A ViT is
+    always timm's network (:meth:`~semssl.models.vit.ViTBackbone.timm_kwargs`)."""
+    if _is_vit(backbone):
+        return []
     reasons = []
     if backbone.width != 64:
         reasons.append(f"width {backbone.width} (the builders' ResNets have width 64)")
@@ -144,9 +162,14 @@ def builder_compatibility(backbone: nn.Module) -> list[str]:
     return reasons
 
 
-def _timm_model(arch: str, meta: bool = True) -> nn.Module:
+def _timm_model(arch: str, meta: bool = True, backbone: Optional[nn.Module] = None) -> nn.Module:
     import timm
 
+    if backbone is not None and _is_vit(backbone):
+        from semssl.models.vit import TIMM_NAMES
+
+        with torch.device("meta" if meta else "cpu"):
+            return timm.create_model(TIMM_NAMES[backbone.arch], **backbone.timm_kwargs())
     if meta:
         with torch.device("meta"):
             return timm.create_model(arch, pretrained=False, num_classes=0)
@@ -160,9 +183,13 @@ def timm_state_dict(backbone: nn.Module) -> dict[str, Tensor]:
 
     from semssl.models.backbones import ResNetBackbone
 
-    with torch.device("meta"):  # the names only: nothing is initialised
-        ours = set(ResNetBackbone(backbone.arch).state_dict())
-    theirs = set(_timm_model(backbone.arch).state_dict())
+    if _is_vit(backbone):  # the ViT is timm's own class: compare its keys with the builder's all the same
+        ours = set(backbone.state_dict())
+        theirs = set(_timm_model(backbone.arch, backbone=backbone).state_dict())
+    else:
+        with torch.device("meta"):  # the names only: nothing is initialised
+            ours = set(ResNetBackbone(backbone.arch).state_dict())
+        theirs = set(_timm_model(backbone.arch).state_dict())
     if ours != theirs:
         raise ExportError(f"timm {timm.__version__} names the {backbone.arch} trunk differently from torchvision: "
                           f"only in timm {sorted(theirs - ours)[:5]}, only in torchvision "
@@ -237,10 +264,11 @@ def _images(batch: int, size: int, seed: int) -> Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _builder(fmt: str, arch: str) -> nn.Module:
-    """The real ``resnetXX`` of torchvision (``fc`` = Identity) or timm (``num_classes=0``), on the meta device."""
+def _builder(fmt: str, arch: str, backbone: Optional[nn.Module] = None) -> nn.Module:
+    """The real ``resnetXX`` of torchvision (``fc`` = Identity) or timm (``num_classes=0``), on the meta device;
+    for a ViT ``backbone`` timm's ``vit_*_patch16_224`` with its patch size and side."""
     if fmt == "timm":
-        return _timm_model(arch)
+        return _timm_model(arch, backbone=backbone)
     import torchvision
 
     with torch.device("meta"):
@@ -252,21 +280,22 @@ def _builder(fmt: str, arch: str) -> nn.Module:
 @torch.no_grad()
 def check_builder(fmt: str, state: dict[str, Tensor], backbone: nn.Module) -> dict[str, Any]:
     """Load ``state`` strictly into the real builder of ``fmt`` and compare its features with ``backbone``'s on a
-    batch of 2 images of 64 px; an :class:`ExportError` names the difference."""
-    model = _builder(fmt, backbone.arch)
+    batch of 2 images of 64 px (a ViT: of its native side); an :class:`ExportError` names the difference."""
+    model = _builder(fmt, backbone.arch, backbone)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ExportError(f"{fmt}: the state_dict does not load strictly into {fmt}'s {backbone.arch} ({err})") \
             from err
     model.eval()
-    x = _images(2, CHECK_SIZE, seed=1)
+    size = backbone.img_size if _is_vit(backbone) else CHECK_SIZE
+    x = _images(2, size, seed=1)
     ref, got = backbone(x)["pooled"], model(x)
     diff = float((ref - got).abs().max())
     if got.shape != ref.shape or not diff <= BUILDER_TOLERANCE * max(1.0, float(ref.abs().max())):
         raise ExportError(f"{fmt}: {fmt}'s {backbone.arch} gives features {tuple(got.shape)} that differ from the "
                           f"backbone's {tuple(ref.shape)} by {diff:.3g}")
-    return {"batch": 2, "size": CHECK_SIZE, "max_abs_diff": diff}
+    return {"batch": 2, "size": size, "max_abs_diff": diff}
 
 
 @torch.no_grad()
@@ -383,6 +412,12 @@ def _load_hint(fmt: str, info: dict[str, Any], path: Path, compatible: bool) -> 
         return f"onnxruntime.InferenceSession('{path}').run(['features'], {{'images': x}})"
     if fmt == "detectron2":
         return f"MODEL.WEIGHTS {path} with detectron2_config"
+    if fmt == "timm" and info.get("patch_size"):  # a ViT
+        from semssl.models.vit import TIMM_NAMES
+
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in info["timm_kwargs"].items())
+        return (f"timm.create_model('{TIMM_NAMES[arch]}', {kwargs})"
+                f".load_state_dict(torch.load('{path}', weights_only=True))")
     if not compatible:
         return (f"semssl.models.backbones.ResNetBackbone('{arch}', small_input={info['small_input']}, "
                 f"width={info['width']}).load_state_dict(torch.load('{path}', weights_only=True))")
@@ -399,7 +434,9 @@ def _side_json(name: str, source: BackboneSource, backbone: nn.Module, info: dic
     from semssl.config import to_dict
     from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
-    reasons, d2_reasons = builder_compatibility(backbone), detectron2_compatibility(info, backbone)
+    reasons = builder_compatibility(backbone)
+    d2_reasons = ["a ViT: detectron2's ResNet backbones cannot hold it"] if _is_vit(backbone) else \
+        detectron2_compatibility(info, backbone)
     if source.random_init:
         origin = {"checkpoint": None, "file": None, "kind": "random_init", "seed": source.seed}
     else:
@@ -415,12 +452,15 @@ def _side_json(name: str, source: BackboneSource, backbone: nn.Module, info: dic
         "torchvision_builder_compatible": not reasons, "timm_builder_compatible": not reasons,
         "builder_incompatibility": reasons,
         "detectron2_compatible": not d2_reasons, "detectron2_incompatibility": d2_reasons,
-        "detectron2_config": detectron2_config(info),
+        "detectron2_config": None if _is_vit(backbone) else detectron2_config(info),
+        **({"patch_size": info["patch_size"], "img_size": info["img_size"], "timm_kwargs": info["timm_kwargs"]}
+           if _is_vit(backbone) else {}),
         "formats": formats, "complete": False, "files": [],
     }
 
 
-def export(source: BackboneSource, out_dir: str | Path, formats: Sequence[str] = FORMATS, onnx_size: int = 224,
+def export(source: BackboneSource, out_dir: str | Path, formats: Optional[Sequence[str]] = None,
+           onnx_size: int = 224,
            name: Optional[str] = None) -> dict[str, Any]:
     """Write the backbone of ``source`` in ``formats`` into ``out_dir`` with the side JSON (module docstring).
 
@@ -428,7 +468,8 @@ def export(source: BackboneSource, out_dir: str | Path, formats: Sequence[str] =
         source: the backbone (a semssl run folder / ``.ckpt`` on ``source.branch``, a torchvision ``state_dict``,
             or ``random_init``).
         out_dir: the folder of the files (created if missing; a file there is an error).
-        formats: any of ``torchvision``, ``timm``, ``detectron2``, ``onnx`` (a string is a comma list).
+        formats: any of ``torchvision``, ``timm``, ``detectron2``, ``onnx`` (a string is a comma list); None:
+            every format the backbone can be written in (all four for a ResNet, ``timm`` for a ViT).
         onnx_size: the ONNX input's height and width in pixels.
         name: the files' stem (default: :func:`default_name`).
 
@@ -440,7 +481,7 @@ def export(source: BackboneSource, out_dir: str | Path, formats: Sequence[str] =
         CheckpointError: a source that cannot be read (from :func:`~semssl.transfer.common.load_backbone`).
         ExportError: a file that would not compute the backbone's features (that file is not written).
     """
-    chosen = _formats(formats)
+    chosen = _formats(formats) if formats is not None else None
     if isinstance(onnx_size, bool) or not isinstance(onnx_size, int) or onnx_size < 8:
         raise ConfigError(f"onnx_size: expected an int >= 8 (pixels), got {onnx_size!r}")
     name = default_name(source) if name is None else name
@@ -450,8 +491,16 @@ def export(source: BackboneSource, out_dir: str | Path, formats: Sequence[str] =
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir: '{out}' is a file, not a folder")
 
-    backbone, info = load_backbone(source)
+    backbone, info = load_backbone(source, allow_vit=True)
     backbone.eval().requires_grad_(False)
+    if chosen is None:
+        chosen = list(VIT_FORMATS if _is_vit(backbone) else FORMATS)
+    if _is_vit(backbone):
+        wrong = [f for f in chosen if f not in VIT_FORMATS]
+        if wrong:
+            raise ConfigError(f"format: {wrong} cannot hold a {backbone.arch} (ViT) backbone; a ViT is written as "
+                              f"{list(VIT_FORMATS)} (timm's VisionTransformer)")
+        info["timm_kwargs"] = backbone.timm_kwargs()
     config = None
     if source.checkpoint:
         # Decision: the checkpoint is read a second time for its config (load_model returns it), so that

@@ -9,20 +9,16 @@ Model (:class:`SegmentationModel`)
     ``head="deeplabv3"``) on ``layer4``, an optional auxiliary ``FCNHead`` on ``layer3`` (loss weight
     ``aux_weight``, MMSeg's 0.4; 0 builds none), both upsampled bilinearly (``align_corners=False``) to the input
     size. ``output_stride`` 8 / 16 / 32 turns the stride-2 convolutions of ``layer3`` and ``layer4`` / of
-    ``layer4`` / of none into stride 1 with dilation (:func:`dilate_backbone`). Decision: done here for both
-    block types, because torchvision's ``replace_stride_with_dilation`` refuses ``BasicBlock`` (ResNet-18/34);
-    the rule is torchvision's (the strided conv keeps the previous dilation, every later 3x3 conv of the stage
-    gets the new one, the projection shortcut loses its stride), which for ``Bottleneck`` is exactly
-    torchvision's network and for both is the *a trous* equivalent of the original (its output sub-sampled by
-    the stride removed equals the undilated network's, in eval mode; tested). ``output_stride`` is named for the
-    standard stem: with the small-input stem (no stride 4 in the stem) the map is 4x denser
-    (``feature_stride`` in the result). Decision: DeepLab's ASPP rates are (12, 24, 36) at output stride 8 (as
-    torchvision's DeepLab-v3) and scale with it: (6, 12, 18) at 16, (3, 6, 9) at 32.
+    ``layer4`` / of none into stride 1 with dilation
+    (:func:`semssl.models.backbones.dilate_backbone`: torchvision's rule, for ``BasicBlock`` too, the *a trous*
+    equivalent of the original). ``output_stride`` is named for the standard stem: with the small-input stem the
+    map is 4x denser (``feature_stride`` in the result). Decision: DeepLab's ASPP rates are (12, 24, 36) at
+    output stride 8 (as torchvision's DeepLab-v3) and scale with it: (6, 12, 18) at 16, (3, 6, 9) at 32.
 
 Data (``train`` / ``test``)
     The specs of ``semssl eval dense`` (:func:`semssl.eval.dense.segmentation_source`: ``synthetic:scenes``, a
-    COCO JSON with segmentations, ``IMAGES_DIR:MASKS_DIR``) and one more, ``IMAGES_DIR:MASKS_DIR:LIST_FILE``:
-    the folder pairs whose image is named in ``LIST_FILE`` (one id per line: the path relative to
+    COCO JSON with segmentations, ``IMAGES_DIR:MASKS_DIR`` and ``IMAGES_DIR:MASKS_DIR:LIST_FILE``: the folder
+    pairs whose image is named in ``LIST_FILE`` (one id per line: the path relative to
     ``IMAGES_DIR`` without extension, e.g. Stanford Background's ``splits/train.txt``; ids without a pair are
     counted in ``skipped``). Decision: mask values are the class indices as they are (MMSeg's convention; no
     renumbering as the dense probe's ``class_index`` does): ``num_classes`` is given, or inferred as the largest
@@ -84,6 +80,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from semssl.errors import ConfigError, DataError
+from semssl.models.backbones import OUTPUT_STRIDES, dilate_backbone
 from semssl.transfer.common import (
     BackboneSource,
     as_dict,
@@ -100,7 +97,6 @@ from semssl.transfer.common import (
 log = logging.getLogger("semssl.transfer")
 
 HEADS = ("fcn", "deeplabv3")
-OUTPUT_STRIDES = (8, 16, 32)
 NORMS = ("bn", "syncbn", "frozen")
 SCHEDULES = ("poly", "cosine")
 METRICS = ("miou", "pixel_acc", "iterations", "seconds")
@@ -133,11 +129,11 @@ class SegmentConfig:
 
 # Decision: a recipe is a dict of SegmentConfig fields, each stated in full; the data it was made for is in its
 # header (``train`` / ``test`` stay arguments). Sources: DenseCL's segmentation transfer is its mmsegmentation
-# fork (METHODS.md 4.1: "FCN, Cityscapes 40k, VOC 20k"); DSC paper 002, "Downstream tasks training": "fine-tune
-# a FCN [36] model with 20k iterations and 40k iterations respectively" (VOC / Cityscapes). What neither paper
-# prints is taken from MMSeg's own FCN config of that setting (fcn_r50-d8: dilated ResNet-50 at output stride 8,
-# FCN head + auxiliary FCN head on layer3 weighted 0.4, SyncBN, SGD momentum 0.9, lr 0.01, wd 5e-4, poly 0.9 to
-# 1e-4, ratio range 0.5-2.0).
+# fork (docs/methods/densecl.md §Evaluation: FCN, Cityscapes 40k, VOC 20k); DSC paper 002, "Downstream tasks
+# training": "fine-tune a FCN [36] model with 20k iterations and 40k iterations respectively" (VOC / Cityscapes).
+# What neither paper prints is taken from MMSeg's own FCN config of that setting (fcn_r50-d8: dilated ResNet-50
+# at output stride 8, FCN head + auxiliary FCN head on layer3 weighted 0.4, SyncBN, SGD momentum 0.9, lr 0.01,
+# wd 5e-4, poly 0.9 to 1e-4, ratio range 0.5-2.0).
 RECIPES: dict[str, dict[str, Any]] = {
     # PASCAL VOC 2012 + SBD aug (DenseCL: train_aug2012, 10,582 images; DSC: train2012) -> val: 21 classes, 255 =
     # void. MMSeg fcn_r50-d8_512x512_20k_voc12aug: 20k iterations, 512 crop, batch 16 (4 GPUs x 4), test at the
@@ -180,52 +176,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-def _dilate_stage(stage: nn.Module, name: str, previous: int, dilation: int) -> None:
-    """One stage's stride-2 3x3 conv to stride 1 with dilation ``previous``, every later 3x3 conv of the stage to
-    dilation ``dilation`` (padding alike) and the projection shortcut's stride to 1, in place."""
-    seen_stride = False
-    for block in stage.children():
-        for child_name, module in block.named_children():
-            if child_name == "downsample":
-                for conv in module.modules():
-                    if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
-                        conv.stride = (1, 1)
-                continue
-            if not isinstance(module, nn.Conv2d) or module.kernel_size != (3, 3):
-                continue
-            if module.stride != (1, 1):
-                if seen_stride:
-                    raise ConfigError(f"output_stride: {name} has more than one strided 3x3 conv")
-                module.stride, module.dilation, module.padding = (1, 1), (previous, previous), (previous, previous)
-                seen_stride = True
-            elif seen_stride:
-                module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
-    if not seen_stride:
-        raise ConfigError(f"output_stride: {name} has no stride-2 conv to dilate (already dilated?)")
-
-
-def dilate_backbone(backbone: nn.Module, output_stride: int) -> nn.Module:
-    """Dilate a :class:`~semssl.models.backbones.ResNetBackbone` in place to ``output_stride`` (module docstring):
-    8 dilates ``layer3`` (2) and ``layer4`` (4), 16 ``layer4`` (2), 32 nothing. Updates ``backbone.strides``;
-    returns the backbone."""
-    if output_stride not in OUTPUT_STRIDES:
-        raise ConfigError(f"output_stride: expected one of {OUTPUT_STRIDES}, got {output_stride}")
-    dilated = {8: ("layer3", "layer4"), 16: ("layer4",), 32: ()}[output_stride]
-    dilation = 1
-    for name in dilated:
-        previous, dilation = dilation, dilation * 2
-        _dilate_stage(backbone.stage(name), name, previous, dilation)
-    if hasattr(backbone, "strides"):
-        strides = dict(backbone.strides)
-        factor = 1
-        for name in ("layer3", "layer4"):
-            if name in dilated:
-                factor *= 2
-            strides[name] = strides[name] // factor
-        backbone.strides = strides
-    return backbone
-
-
 def aspp_rates(output_stride: int) -> tuple[int, int, int]:
     """DeepLab-v3's atrous rates at ``output_stride``: (12, 24, 36) at 8, scaled with the stride."""
     return tuple(r * 8 // output_stride for r in (12, 24, 36))  # type: ignore[return-value]
@@ -291,36 +241,6 @@ def apply_norm(model: nn.Module, norm: str, device: str) -> tuple[nn.Module, str
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
-def _folder_pair_paths(images_dir: str, masks_dir: str) -> list[Path]:
-    """The image paths of ``folder_pair_segmentation(images_dir, masks_dir)`` in its order (its rule: every
-    image under ``images_dir`` whose ``<relative path>.png`` exists under ``masks_dir``)."""
-    from semssl.data.sources import ImageFolderSource
-    from semssl.eval.dense import MASK_EXTENSION
-
-    source = ImageFolderSource(images_dir, labels=False)
-    root = Path(masks_dir)
-    return [p for p in source.paths if (root / p.relative_to(source.root)).with_suffix(MASK_EXTENSION).is_file()]
-
-
-def _read_ids(list_file: str) -> list[str]:
-    from semssl.data.sources.base import IMG_EXTENSIONS
-
-    path = Path(list_file)
-    if not path.is_file():
-        raise DataError(f"split list '{list_file}' does not exist (expected IMAGES_DIR:MASKS_DIR:LIST_FILE)")
-    ids = []
-    for line in path.read_text().splitlines():
-        item = line.strip()
-        if not item or item.startswith("#"):
-            continue
-        if item.lower().endswith(IMG_EXTENSIONS):
-            item = item.rsplit(".", 1)[0]
-        ids.append(Path(item).as_posix())
-    if not ids:
-        raise DataError(f"split list '{list_file}' names no image")
-    return ids
-
-
 @dataclass
 class SegmentationData:
     """A parsed ``train`` / ``test`` spec: the source, a name per index for messages (the image file of a folder
@@ -338,36 +258,11 @@ class SegmentationData:
 
 def segmentation_data(spec: str, split: str, on_error: str = "skip") -> SegmentationData:
     """Parse a ``train`` / ``test`` spec (module docstring): the forms of
-    :func:`semssl.eval.dense.segmentation_source` and ``IMAGES_DIR:MASKS_DIR:LIST_FILE``."""
-    from semssl.eval.dense import SegmentationSource, folder_pair_segmentation, segmentation_source
+    :func:`semssl.eval.dense.segmentation_source`, ``IMAGES_DIR:MASKS_DIR:LIST_FILE`` included."""
+    from semssl.eval.dense import segmentation_source
 
-    if spec.startswith("synthetic") or spec.lower().endswith(".json"):
-        source = segmentation_source(spec, split, None, on_error)
-        return SegmentationData(source, None, dict(source.skipped))
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ConfigError(f"'{spec}': expected synthetic:scenes, a COCO JSON with segmentations, IMAGES_DIR:MASKS_DIR "
-                          f"or IMAGES_DIR:MASKS_DIR:LIST_FILE (a folder of images, a folder of class-index PNG masks "
-                          f"and optionally a file of image ids, one per line)")
-    source = folder_pair_segmentation(parts[0], parts[1], on_error)
-    paths = _folder_pair_paths(parts[0], parts[1])
-    root = Path(parts[0])
-    names = [str(p) for p in paths] if len(paths) == len(source) else None
-    skipped = dict(source.skipped)
-    if len(parts) == 2:
-        return SegmentationData(source, names, skipped)
-    if names is None:
-        raise DataError(f"'{spec}': cannot match the folder's images to the split list")
-    wanted = _read_ids(parts[2])
-    index = {p.relative_to(root).with_suffix("").as_posix(): i for i, p in enumerate(paths)}
-    kept = sorted({index[w] for w in wanted if w in index})
-    missing = [w for w in dict.fromkeys(wanted) if w not in index]
-    if missing:
-        log.warning("segment: %d id(s) of '%s' have no image with a mask in '%s' (e.g. '%s') and are left out",
-                    len(missing), parts[2], parts[0], missing[0])
-    skipped["skipped_not_in_folder"] = len(missing)
-    filtered = SegmentationSource(spec, len(kept), lambda i: source.load(kept[i]), skipped)
-    return SegmentationData(filtered, [names[i] for i in kept], skipped)
+    source = segmentation_source(spec, split, None, on_error)
+    return SegmentationData(source, source.names, dict(source.skipped))
 
 
 def _normalised(image: Any) -> Tensor:

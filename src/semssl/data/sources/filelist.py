@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from semssl.data.sources.base import (
+    IMG_EXTENSIONS,
     ImageSource,
     OnError,
     Sample,
@@ -24,14 +25,14 @@ __all__ = ["FileListSource"]
 class FileListSource(ImageSource):
     """Images named in a text file, one ``path [label]`` per line.
 
-    Relative paths are resolved against ``root`` if given, else against the list file's folder; absolute
-    paths are used as they are. Lines that are blank or start with ``#`` are ignored. In ``.txt``/``.lst``
-    files the fields are separated by whitespace (so a path cannot contain spaces there); ``.csv`` files are
-    read with the csv module (quoted paths may hold commas or spaces; a header row ``path[,label]`` is
-    skipped). Labels are non-negative integers, present on every line or on none: a file mixing both is a
-    DataError naming the first line that breaks the rule. ``classes`` are ``"0" .. str(max label)``. A path may
-    appear on several lines (it is then sampled that many times per epoch: a way to weight the parts of a mixed
-    list).
+    Relative paths are resolved against ``root`` if given (a run's ``data.train_root``), else against the list
+    file's folder; absolute paths are used as they are. A path without an image extension is an id: the image
+    ``<id>.jpg`` (or any other image extension) beside it. Lines that are blank or start with ``#`` are ignored. In
+    ``.txt``/``.lst`` files the fields are separated by whitespace (so a path cannot contain spaces there); ``.csv``
+    files are read with the csv module (quoted paths may hold commas or spaces; a header row ``path[,label]`` is
+    skipped). Labels are non-negative integers, present on every line or on none: a file mixing both is a DataError
+    naming the first line that breaks the rule. ``classes`` are ``"0" .. str(max label)``. A path may appear on
+    several lines (it is then sampled that many times per epoch: a way to weight the parts of a mixed list).
 
     ``proposals`` / ``proposal_params``: as for :class:`~semssl.data.sources.folder.ImageFolderSource`, with the
     cache ``<list file>.proposals.json`` beside the list (one entry per distinct file).
@@ -51,7 +52,7 @@ class FileListSource(ImageSource):
         entries = _parse_list(self.list_file)
         if not entries:
             raise DataError(f"file list '{self.list_file}' names no images (only blank or comment lines)")
-        self.paths = [p if p.is_absolute() else self.root / p for _, p, _ in entries]
+        self.paths = _with_extensions([p if p.is_absolute() else self.root / p for _, p, _ in entries])
         labels = [label for _, _, label in entries]
         self.labelled = labels[0] is not None
         self.targets = [label if label is not None else -1 for label in labels]
@@ -77,6 +78,28 @@ class FileListSource(ImageSource):
         if self.proposals is not None:
             sample["proposals"] = self.proposals.for_image(index, image.size)
         return sample
+
+
+def _with_extensions(paths: list[Path]) -> list[Path]:
+    """Entries named by id (no image extension, e.g. Stanford Background's ``splits/train.txt``) become the one
+    image ``<id><ext>`` beside them, ``ext`` any of :data:`IMG_EXTENSIONS` (first in that order); other entries,
+    and ids without such a file, are kept as they are (the existence check reports them)."""
+    listings: dict[Path, dict[str, Path]] = {}
+    out = []
+    for path in paths:
+        if path.suffix.lower() in IMG_EXTENSIONS or path.is_file():
+            out.append(path)
+            continue
+        folder = path.parent
+        if folder not in listings:
+            found: dict[str, Path] = {}
+            if folder.is_dir():
+                for ext in reversed(IMG_EXTENSIONS):
+                    for f in folder.glob(f"*{ext}"):
+                        found[f.name[: -len(ext)]] = f
+            listings[folder] = found
+        out.append(listings[folder].get(path.name, path))
+    return out
 
 
 def _parse_list(list_file: Path) -> list[tuple[int, Path, int | None]]:

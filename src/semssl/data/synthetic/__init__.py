@@ -5,7 +5,7 @@ self-supervised learning can find and a random network does not already capture:
 
 * **Classes are shapes** (:data:`CLASS_NAMES`: ``circle``, ``square``, ... ; ``class_def: shape``, generator
   version 2). Version 1 defined a class as a (shape, texture) pair, which a random network's texture
-  statistics already separate about as well as raw pixels do (docs/results.md §3); ``class_def:
+  statistics already separate about as well as raw pixels do (docs/results.md section 3); ``class_def:
   shape_texture`` still generates it.
 * **Colour, pose and position are nuisances**: the object's colour and the background's are drawn per
   instance from one distribution for every class; rotation, scale, aspect ratio and position too.
