@@ -201,7 +201,7 @@ def test_scfs_vit_search_on_a_hand_made_token_grid() -> None:
     assert maps.shape == (B, c, 8, 8)
     for b, (y, x) in enumerate(spots):
         attn = search_attention(local[b:b + 1].mean((2, 3)), t_map[b:b + 1])[0]
-        assert divmod(int(attn.argmax()), 8) == (y, x) and float(attn[y, x]) == pytest.approx(1.0)
+        assert divmod(int(attn.argmax()), 8) == (y, x) and float(attn[y, x]) == pytest.approx(1.0, abs=1e-5)
         torch.testing.assert_close(maps[b], attn * t_map[b])
     torch.testing.assert_close(maps, feature_search(local.mean((2, 3)), t_map[:B]))
     # the heads are token-wise: the 3x3 convolution became a 1x1, so shuffling the tokens changes nothing
@@ -263,8 +263,8 @@ def test_the_attention_figure_of_a_vit_checkpoint_and_dinos_threshold(tmp_path: 
 
 
 def test_a_vit_run_evaluates_checkpoints_and_exports_to_timm(tiny_synth: Path, tmp_path: Path, capsys) -> None:
-    """DINO on a ViT-tiny/8 through the whole engine (2 steps, the online kNN monitor, the attention figure, the
-    final evaluation with its baselines), then its checkpoint in `semssl eval` and `semssl export`."""
+    """DINO on a ViT-tiny/8 through the whole engine (one epoch of 6 steps, the online kNN monitor, the attention
+    figure, the final evaluation with its baselines), then its checkpoint in `semssl eval` and `semssl export`."""
     from semssl.cli import main
 
     s = TINY_SYNTH
@@ -272,18 +272,21 @@ def test_a_vit_run_evaluates_checkpoints_and_exports_to_timm(tiny_synth: Path, t
                                                              "n_test_objects", "n_train_scenes", "n_test_scenes",
                                                              "num_classes", "workers")]
     out_dir = tmp_path / "runs"
-    assert main(["pretrain", "dino_resnet18_1x64-200it_synthetic", f"data.synthetic.root={tiny_synth}", *synth,
+    assert main(["pretrain", "-c", "dino_resnet18_1x64-200it_synthetic", f"data.synthetic.root={tiny_synth}", *synth,
                  "model.arch=vit_tiny", "model.patch_size=8", "model.img_size=32", "model.drop_path=0.1",
                  "data.batch_size=16", "data.num_workers=0", "data.views.0.size=32", "data.views.1.size=16",
                  "data.views.1.n_crops=2", "data.eval_size=32", "method.out_dim=64", "method.hidden_dim=32",
-                 "method.bottleneck_dim=16", "trainer.max_steps=2", "trainer.knn_every_n_epochs=1",
+                 "method.bottleneck_dim=16", "trainer.max_steps=0", "trainer.max_epochs=1",
+                 "trainer.knn_every_n_epochs=1",
                  "trainer.figures=[{name: attention, every_n_epochs: 1}]", "trainer.progress_bar=false",
-                 f"trainer.out_dir={out_dir}", "trainer.run_name=vit", "eval.linear.epochs=2", "eval.knn_k=[5]",
+                 f"trainer.out_dir={out_dir}", "trainer.run_name=vit", "trainer.log_every_n_steps=1",
+                 "eval.linear.epochs=2", "eval.knn_k=[5]",
                  "eval.batch_size=64"]) == 0
     run = out_dir / "vit"
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(0.0 <= metrics[b]["knn_top1"] <= 100.0 for b in ("trained", "random_init", "random_init_bn", "pixels"))
     assert list((run / "figures").glob("attention-epoch*.png"))
+    assert "knn" in (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]  # the online monitor ran
     model, info, cfg = load_model(run)
     assert info["arch"] == "vit_tiny" and cfg.model.patch_size == 8
     train, test = str(tiny_synth / "objects" / "train"), str(tiny_synth / "objects" / "test")

@@ -4,7 +4,8 @@ Below the engine and the evaluations (no Lightning here), so evaluation drivers 
 without importing the training engine; :class:`semssl.engine.io.AtomicCheckpointIO` is the Lightning side.
 
 A checkpoint holds tensors and plain values only (the config as a plain dict, RNG states as tensors), so it can
-be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict`` and a plain timm (or DINO) ViT ``state_dict``.
+be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict`` and
+a plain timm (or DINO) ViT ``state_dict``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ examples:
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
     """Which backbone a transfer command starts from (``semssl.transfer.BackboneSource``)."""
-    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet / timm ViT state_dict (.pth)")
+    p.add_argument("--checkpoint",
+                   help="run folder, semssl .ckpt, or plain torchvision ResNet / timm ViT state_dict (.pth)")
     p.add_argument("--random-init", action="store_true", help="start from a random network instead of --checkpoint")
     p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small",
                                       "vit_base"],

@@ -57,7 +57,8 @@ class BackboneSource:
         checkpoint: a semssl run folder or ``.ckpt``, or a plain torchvision ResNet ``state_dict``.
         random_init: start from a random network instead (``checkpoint`` must then be None).
         arch: ``resnet18|34|50|101`` (a checkpoint: also ``vit_tiny|small|base``); for a state_dict the depth it must
-            have (inferred if None); for random init the depth to build (``resnet50`` if None). A checkpoint of another depth is an error naming both.
+            have (inferred if None); for random init the depth to build (``resnet50`` if None). A checkpoint of
+            another architecture is an error naming both.
         width: random init only: the ResNet base width (64 = torchvision's).
         small_input: random init only: the 3x3/1 stem without max-pool.
         branch: which network of a semssl checkpoint (``online`` / ``teacher``; default: the method's).
