@@ -16,7 +16,7 @@ from semssl.data.synthetic import default_root
 from semssl.engine.data import resolve_paths
 from semssl.errors import DataError
 
-DATA_KEYS = ("train", "eval_train", "eval_test")
+DATA_KEYS = ("train", "train_root", "eval_train", "eval_test")
 NAMED = re.compile(r"\$\{?SEMSSL_DATA_DIR\}?/([A-Za-z0-9_.-]+)")
 
 
@@ -63,7 +63,8 @@ def test_every_packaged_recipe_resolves_its_data_through_the_root(monkeypatch: p
 def test_the_recipes_data_exist_under_the_tests_root() -> None:
     """With the tests' data root (the shared copies beside the repository, conftest.py), every recipe's data path
     exists; skipped where that root is absent."""
-    missing = [name for name in ("cifar10-6k", "coco128") if not (data_root() / name).is_dir()]
+    missing = [name for name in ("cifar10-6k", "coco128", "stanford-background", "msrc-v2")
+               if not (data_root() / name).is_dir()]
     if missing:
         pytest.skip(f"{', '.join(missing)} not under the data root {data_root()}")
     for recipe in list_recipes():

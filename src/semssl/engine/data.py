@@ -130,7 +130,7 @@ def resolve_paths(cfg: Any) -> dict[str, Optional[str]]:
         eval_train = alias.get(eval_train, eval_train) if eval_train else None
         eval_test = {"synthetic": str(root / "objects" / "test")}.get(eval_test, eval_test) if eval_test else None
     paths = {"train": train, "eval_train": eval_train, "eval_test": eval_test}
-    for key, path in paths.items():
+    for key, path in {**paths, "train_root": cfg.data.train_root}.items():
         problem = missing_dataset(path, f"data.{key}") if path else None
         if problem:
             raise DataError(problem)
