@@ -58,3 +58,19 @@ def tiny_overrides(synth_root: Path, out_dir: Path) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tiny_synth, tmp_path) -> Config:
     return load_config(None, tiny_overrides(tiny_synth, tmp_path / "runs"))
+
+
+@pytest.fixture
+def branches_read(monkeypatch) -> list[str]:
+    """The branch of every ``Method.features`` call made while the test runs (the call itself is unchanged)."""
+    from semssl.methods import Method
+
+    seen: list[str] = []
+    real = Method.features
+
+    def recording(self, images, branch=None, kind="pooled"):
+        seen.append(self.resolve_branch(branch))
+        return real(self, images, branch, kind)
+
+    monkeypatch.setattr(Method, "features", recording)
+    return seen

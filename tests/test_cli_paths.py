@@ -344,19 +344,10 @@ def test_eval_objects_roi_disturb_and_branch(checkpoints, tiny_synth: Path, tmp_
     assert not torch.allclose(direct("online")[0][0], from_cli[0])
 
 
-def test_eval_bias_branch(checkpoints, tiny_synth: Path, tmp_path: Path, monkeypatch) -> None:
+def test_eval_bias_branch(checkpoints, tiny_synth: Path, tmp_path: Path, branches_read: list[str]) -> None:
     """``eval bias --branch``: every feature the measures read comes from the asked branch, and the two branches
     (different networks here) give different coupling rates."""
-    from semssl.methods import Method
-
-    seen: list[str] = []
-    real = Method.features
-
-    def recording(self, images, branch=None, kind="pooled"):
-        seen.append(self.resolve_branch(branch))
-        return real(self, images, branch, kind)
-
-    monkeypatch.setattr(Method, "features", recording)
+    seen = branches_read
 
     def bias(branch: str) -> dict:
         out = tmp_path / f"bias-{branch}.json"

@@ -23,24 +23,18 @@ from semssl.engine.data import build_train_dataset, resolve_paths
 from semssl.engine.module import SSLModule
 from semssl.engine.run import SSLDataModule, pretrain
 from semssl.errors import ConfigError
-from semssl.methods import Method, method_class
+from semssl.methods import method_class
 from semssl.methods.mocov2 import MoCoV2
 from semssl.schedules import Progress
 
 
 # ----------------------------------------------------------------------------------------- evaluation branch
-def test_features_branch_is_the_same_on_every_path(tiny_synth: Path, tmp_path: Path, monkeypatch) -> None:
+def test_features_branch_is_the_same_on_every_path(tiny_synth: Path, tmp_path: Path, monkeypatch,
+                                                   branches_read: list[str]) -> None:
     """A method whose evaluated branch is its teacher (as DINO/SCFS) is evaluated on the teacher by the online
     kNN monitor, the final evaluation, the random-init baseline and ``semssl eval`` from the checkpoint."""
     monkeypatch.setattr(MoCoV2, "default_branch", "teacher")
-    seen: list[str] = []
-    real_features = Method.features
-
-    def recording(self, images, branch=None, kind="pooled"):
-        seen.append(self.resolve_branch(branch))
-        return real_features(self, images, branch, kind)
-
-    monkeypatch.setattr(Method, "features", recording)
+    seen = branches_read
     cfg = load_config(None, tiny_overrides(tiny_synth, tmp_path / "runs") + [
         "trainer.max_epochs=1", "trainer.knn_every_n_epochs=1", "trainer.run_name=teacher", "eval.linear.epochs=2"])
     run_dir = pretrain(cfg)
