@@ -29,14 +29,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from semssl.checkpoints import load_model
 from semssl.eval.dense import (
     DenseProbeConfig,
     PixelMaps,
     SegmentationDataset,
-    _resnet,
+    concat_maps,
     dilated_view,
     extract_maps,
     probe_maps,
@@ -44,18 +43,12 @@ from semssl.eval.dense import (
     segmentation_source,
     stage_kinds,
 )
-from semssl.models.backbones import BackboneModel
+from semssl.models.backbones import BackboneModel, ResNetBackbone
 
 
 def readings(maps: dict[str, torch.Tensor], stages: list[str]) -> dict[str, torch.Tensor]:
     """Each stage reading (``layer4``, ``layer3+layer4``, ...) from the extracted ``maps`` of one split."""
-    out = {}
-    for stage in stages:
-        parts = [maps[k] for k in stage_kinds(stage)]
-        size = max((m.shape[-2:] for m in parts), key=lambda hw: hw[0] * hw[1])
-        out[stage] = torch.cat([m if m.shape[-2:] == size else
-                                F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in parts], 1)
-    return out
+    return {stage: concat_maps([maps[k] for k in stage_kinds(stage)]) for stage in stages}
 
 
 def probe_model(model, train, test, stages, output_stride, config, branch=None) -> dict[str, dict]:
@@ -97,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         config = DenseProbeConfig(size=size, epochs=args.epochs, ignore_index=args.ignore_index,
                                   num_workers=args.workers, seed=args.seed)
         torch.manual_seed(args.seed)
-        random_net = _resnet(args.arch, False, args.width).eval()
+        random_net = ResNetBackbone(args.arch, width=args.width).eval()
         models = {"random_init": BackboneModel(random_net),
                   "random_init_bn": BackboneModel(reestimate_bn(random_net, train, num_workers=args.workers))}
         for name, path in named.items():

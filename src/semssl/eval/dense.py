@@ -327,6 +327,12 @@ def stage_map(model: Any, images: Tensor, stage: str, branch: str | None = None)
             raise ConfigError(f"--stage {kind}: the model's '{kind}' features are not a map "
                               f"(shape {tuple(fmap.shape)})")
         maps.append(fmap)
+    return concat_maps(maps)
+
+
+def concat_maps(maps: list[Tensor]) -> Tensor:
+    """``[B, C_i, h_i, w_i]`` maps upsampled bilinearly (``align_corners=False``) to the largest and concatenated
+    along channels; one map is returned as it is."""
     if len(maps) == 1:
         return maps[0]
     size = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
