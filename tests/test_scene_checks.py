@@ -29,18 +29,30 @@ from semssl.models.backbones import BackboneModel, ResNetBackbone
 
 DENSE = ("mocov2", "densecl", "dsc")
 DENSE_RECIPE = "{}_resnet18-w32_1x32-1600it_stanford-background"
+DENSE_SETS = {  # the dense check's two sets: recipe suffix -> (train list, image folder)
+    "stanford-background": ("stanford-background/splits/train.txt", "stanford-background/images"),
+    "msrc-v2": ("msrc-v2/train.txt", "msrc-v2/images"),
+}
 REGION = ("soco", "d3ssl")
 REGION_RECIPE = "{}_resnet18-w32_1x32-450it_msrc-v2"
 
 
 # ----------------------------------------------------------------------------------------- the recipes
-def test_dense_check_recipes_share_one_budget_and_differ_only_in_the_method() -> None:
-    """docs/results.md 10: MoCo-v2, DenseCL and DSC on Stanford Background, step for step the same run."""
-    cfgs = {m: to_dict(load_config(DENSE_RECIPE.format(m))) for m in DENSE}
+@pytest.mark.parametrize("dataset", sorted(DENSE_SETS))
+def test_dense_check_recipes_share_one_budget_and_differ_only_in_the_method(dataset: str) -> None:
+    """docs/results.md 10: MoCo-v2, DenseCL and DSC on Stanford Background and on MSRC-v2, step for step the same
+    run (and the same run on both sets, but for the training images)."""
+    recipe = "{}_resnet18-w32_1x32-1600it_" + dataset
+    cfgs = {m: to_dict(load_config(recipe.format(m))) for m in DENSE}
+    train, images = DENSE_SETS[dataset]
     for m, cfg in cfgs.items():
-        assert cfg["method"]["name"] == m and cfg["name"] == DENSE_RECIPE.format(m)
-        assert cfg["data"]["train"].endswith("stanford-background/splits/train.txt")
-        assert cfg["data"]["train_root"].endswith("stanford-background/images")
+        assert cfg["method"]["name"] == m and cfg["name"] == recipe.format(m)
+        assert cfg["data"]["train"].endswith(train)
+        assert cfg["data"]["train_root"].endswith(images)
+        other = to_dict(load_config(DENSE_RECIPE.format(m)))
+        assert {k: v for k, v in cfg["data"].items() if k not in ("train", "train_root")} == \
+            {k: v for k, v in other["data"].items() if k not in ("train", "train_root")}
+        assert cfg["method"] == other["method"] and cfg["optim"] == other["optim"]
         assert cfg["model"]["width"] == 32 and cfg["model"]["arch"] == "resnet18"
         assert cfg["trainer"]["max_steps"] == 1600 and cfg["trainer"]["num_threads"] == 1
         assert cfg["eval"]["enabled"] is False
@@ -77,6 +89,9 @@ def test_check_recipes_read_the_real_sets_when_present(monkeypatch) -> None:
     assert len(source) == 572 and all(p.suffix == ".jpg" and p.is_file() for p in source.paths[:5])
     cfg = load_config(REGION_RECIPE.format("d3ssl"))
     assert len(build_source(cfg.data.train)) == 414
+    cfg = load_config("dsc_resnet18-w32_1x32-1600it_msrc-v2")
+    source = build_source(cfg.data.train, root=cfg.data.train_root)
+    assert len(source) == 414 and all(p.suffix == ".jpg" and p.is_file() for p in source.paths[:5])
 
 
 # ----------------------------------------------------------------------------------------- split lists
