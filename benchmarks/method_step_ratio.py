@@ -20,10 +20,11 @@ everything else is its own); the batch must divide each recipe's ``model.bn_spli
         scfs_resnet18_1x64-200it_synthetic --size 96 --batch 32      # 2 x 96 px + 6 x 48 px crops
 
 ViTs (``--arch vit_small``): the supervised step is the ViT's CLS token into a linear classifier; view sides must
-stay whole patches, so give them explicitly (the local view's scaled side is rarely a multiple of 16):
+stay whole patches, so give them explicitly (the local view's scaled side is rarely a multiple of 16; overrides go
+before ``--recipes``, which takes every word after it):
 
-    .venv/bin/python benchmarks/method_step_ratio.py --arch vit_small --size 96 --batch 16 --recipes \\
-        dino_vit-s16_8x32-200e_imagenet scfs_vit-s16_8x32-200e_imagenet data.views.1.size=32
+    .venv/bin/python benchmarks/method_step_ratio.py --arch vit_small --size 96 --batch 16 data.views.1.size=32 \\
+        --recipes dino_vit-s16_8x32-200e_imagenet scfs_vit-s16_8x32-200e_imagenet
 
 A recipe may carry its own overrides after ``@`` (``RECIPE@KEY=VALUE@KEY=VALUE``), so variants of one recipe
 compare in one run; ``--data`` feeds each recipe one real batch of its own training data (with geometry and
@@ -94,6 +95,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def split_spec(spec: str) -> tuple[str, list[str]]:
     """``RECIPE@KEY=VALUE@...`` -> (RECIPE, [KEY=VALUE, ...])."""
     recipe, *own = spec.split("@")
+    if "=" in recipe:
+        raise BenchError(f"--recipes: '{spec}' is an override, not a recipe: --recipes takes every word after it, "
+                         f"so give KEY=VALUE overrides before --recipes")
     bad = [o for o in own if "=" not in o]
     if not recipe or bad:
         raise BenchError(f"--recipes: '{spec}' is not RECIPE or RECIPE@KEY=VALUE@...")

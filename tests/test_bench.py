@@ -229,6 +229,8 @@ def test_method_step_ratio_per_recipe_overrides_and_real_batches(tiny_synth, tmp
         "mocov2_x", ["method.queue_size=64", "model.width=8"])
     with pytest.raises(script.BenchError, match="RECIPE@KEY=VALUE"):
         script.split_spec("mocov2_x@queue")
+    with pytest.raises(script.BenchError, match="before --recipes"):  # an override swallowed by --recipes
+        script.split_spec("data.views.1.size=32")
     out = tmp_path / "msr.json"
     common = [f"data.synthetic.root={tiny_synth}", *[o for o in tiny_overrides(tiny_synth, tmp_path / "runs")
                                                       if o.startswith("data.synthetic.")],
