@@ -15,7 +15,8 @@ reads ``<run>/eval_objects.json`` and ``<run>/eval_bias.json``::
     python benchmarks/region_table.py SoCo=runs/soco_coco128_s0 D3SSL=runs/d3ssl_coco128_s0 \\
         random=/tmp/random_objects.json,/tmp/random_bias.json
 
-A label given to a random-init file is a prefix (``random`` -> ``random: random_init`` ...).
+A label given to a random-init file is a prefix (``random`` -> ``random: random_init`` ...). Files written with
+``--by-supercategory`` add each supercategory's top-1 and disturbed top-1 (MSRC-v2: ``thing``, ``stuff``).
 """
 
 from __future__ import annotations
@@ -77,16 +78,25 @@ def _cell(metrics: dict[str, Any], *keys: str, digits: int) -> str:
     return "-" if value is None else f"{float(value):.{digits}f}"
 
 
+def supercategory_columns(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """O-KNN top-1 of each supercategory of ``--by-supercategory`` files (``n_queries_<super>``), plain and
+    disturbed: ``[(header, key)]`` in the order the files first name them."""
+    supers = dict.fromkeys(k[len("n_queries_"):] for metrics in objects for k in metrics if k.startswith("n_queries_"))
+    return [col for s in supers for col in ((f"{s} top-1", f"oknn_{s}_top1"),
+                                            (f"disturbed {s} top-1", f"oknn_disturbed_{s}_top1"))]
+
+
 def table(specs: list[str]) -> str:
-    header = ["model", *(name for name, _ in OKNN), "CR " + " / ".join(s[-1] for s in STAGES),
+    all_rows = [row for spec in specs for row in rows(spec)]
+    oknn = [*OKNN, *supercategory_columns([objects for _, objects, _ in all_rows])]
+    header = ["model", *(name for name, _ in oknn), "CR " + " / ".join(s[-1] for s in STAGES),
               "MCS " + " / ".join(s[-1] for s in STAGES)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for spec in specs:
-        for label, objects, bias in rows(spec):
-            cells = [label, *(_cell(objects, key, digits=1) for _, key in OKNN)]
-            for kind in ("coupling_rate", "positional_mcs"):
-                cells.append(" / ".join(_cell(bias, kind, s, digits=3) for s in STAGES))
-            lines.append("| " + " | ".join(cells) + " |")
+    for label, objects, bias in all_rows:
+        cells = [label, *(_cell(objects, key, digits=1) for _, key in oknn)]
+        for kind in ("coupling_rate", "positional_mcs"):
+            cells.append(" / ".join(_cell(bias, kind, s, digits=3) for s in STAGES))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

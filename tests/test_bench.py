@@ -336,6 +336,17 @@ def test_region_table_reads_run_folders_and_random_init_files(tmp_path, capsys):
     assert out[4] == "| random: pixels | 33.1 | 53.3 | 35.6 | 51.7 | - / - / - / - | - / - / - / - |"
     with pytest.raises(SystemExit, match="does not exist"):
         region_table.main([f"X={tmp_path / 'missing.json'}"])
+    # --by-supercategory files add thing / stuff columns; a file without them leaves its cells empty
+    by_super = tmp_path / "d3ssl.json"
+    by_super.write_text(json.dumps({"objects": {**oknn, "n_queries_stuff": 3, "oknn_stuff_top1": 60.0,
+                                                "oknn_disturbed_stuff_top1": 59.0, "n_queries_thing": 2,
+                                                "oknn_thing_top1": 13.0, "oknn_disturbed_thing_top1": 11.5}}))
+    assert region_table.main([f"D3SSL={by_super}", f"SoCo={run}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("| stuff top-1 | disturbed stuff top-1 | thing top-1 | disturbed thing top-1 | "
+                           "CR 1 / 2 / 3 / 4 | MCS 1 / 2 / 3 / 4 |")
+    assert out[2].startswith("| D3SSL | 33.1 | 53.3 | 35.6 | 51.7 | 60.0 | 59.0 | 13.0 | 11.5 | - / - / - / - |")
+    assert out[3].startswith("| SoCo | 33.1 | 53.3 | 35.6 | 51.7 | - | - | - | - | 1.001")
 
 
 def test_saliency_overlap_auroc_and_a_tiny_scd_on_scenes(tiny_synth, tmp_path, capsys):
