@@ -37,7 +37,7 @@ def test_help_describes_every_command_and_option():
     # every option and positional of every sub-command, nested ones included, carries a help string
     commands = dict(_sub_commands(parser))
     for nested in ("pretrain", "eval knn", "eval linear", "eval dense", "eval objects", "data proposals",
-                   "finetune", "transfer segment", "transfer detect", "export", "recipes"):
+                   "finetune", "transfer segment", "transfer detect", "export", "recipes", "report"):
         assert nested in commands, sorted(commands)
     missing = [f"{name}: {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
                for action in sub._actions

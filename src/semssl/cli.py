@@ -1,5 +1,5 @@
-"""The ``semssl`` command line: ``pretrain | eval | viz | data | methods | recipes | finetune | transfer | export``
-(the transfer commands' options live in :mod:`semssl.cli_transfer`).
+"""The ``semssl`` command line: ``pretrain | eval | viz | report | data | methods | recipes | finetune |
+transfer | export`` (the transfer commands' options live in :mod:`semssl.cli_transfer`).
 
 Every sub-command prints a short human-readable result and, where it measures something, writes JSON.
 """
@@ -253,6 +253,16 @@ def cmd_data_proposals(args: argparse.Namespace) -> int:
     return code
 
 
+# ------------------------------------------------------------------------------------------------ report
+def cmd_report(args: argparse.Namespace) -> int:
+    """``semssl report RUN [RUN ...]``: the work is :func:`semssl.viz.report.write_report`."""
+    from semssl.viz.report import write_report
+
+    out = write_report([Path(run) for run in args.runs], Path(args.out), images=args.images, draw=not args.no_draw)
+    print(f"wrote {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ lists
 def cmd_methods(args: argparse.Namespace) -> int:
     from semssl.methods import available_methods
@@ -426,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a selective-search / filter setting (data.proposal_params), e.g. reference_size=null")
     pp.set_defaults(func=cmd_data_proposals)
+
+    prep = sub.add_parser("report", help="one self-contained HTML page of one or more runs: config, curves, "
+                                         "collapse monitors, evaluation, figures, machine",
+                          description="Write one HTML page (plots embedded, no server, opens from disk) of the run "
+                                      "folders: the resolved config and its differences from the recipe, the loss, "
+                                      "lr, EMA and teacher-temperature curves, online kNN, the collapse monitors "
+                                      "(embedding std, teacher entropy, RankMe), the evaluation against every "
+                                      "baseline, the method's figures, wall time, machine and package versions. "
+                                      "Several runs are shown side by side, their curves overlaid.")
+    prep.add_argument("runs", nargs="+", metavar="RUN", help="run folders (what semssl pretrain printed)")
+    prep.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html)")
+    prep.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                      help="images the method's figures are drawn on (default: the first run's evaluation test "
+                           "split, 6 images spread over it)")
+    prep.add_argument("--no-draw", action="store_true",
+                      help="draw no figure from the checkpoints; embed only those the runs drew during training")
+    prep.set_defaults(func=cmd_report)
 
     pm = sub.add_parser("methods", help="list the available methods, one per line")
     pm.set_defaults(func=cmd_methods)

@@ -145,6 +145,9 @@ class TrainerConfig:
     run_name: Optional[str] = None
     log_every_n_steps: int = 10
     knn_every_n_epochs: int = 0  # online kNN monitor; 0 disables
+    # RankMe of the training batch's embeddings (monitor/rankme, _dense, _region: semssl.eval.rankme) every this
+    # many steps, from step 0; 0 disables
+    rankme_every_n_steps: int = 20
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0  # > 0: also every this many steps (a long epoch loses less when killed)
     progress_bar: bool = True
@@ -344,7 +347,8 @@ def check_values(cfg: Config) -> None:
     need(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "an integer >= 1")
     need(t.seed >= 0, "trainer.seed", t.seed, "an integer >= 0")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
-    for key in ("knn_every_n_epochs", "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "num_threads"):
+    for key in ("knn_every_n_epochs", "rankme_every_n_steps", "checkpoint_every_n_epochs", "checkpoint_every_n_steps",
+                "num_threads"):
         need(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "an integer >= 0 (0 = off / default)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
     number("eval.knn_temperature", e.knn_temperature, 0.0, low_open=True)

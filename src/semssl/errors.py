@@ -86,9 +86,13 @@ class ExportError(SemsslError, RuntimeError):
     """An exported file that would not compute the backbone's features (names the format and the difference)."""
 
 
+class ReportError(SemsslError, ValueError):
+    """A run folder, or a file in it, that ``semssl report`` cannot read (names the file at fault)."""
+
+
 __all__ = [
     "SemsslError", "ConfigError", "DataError", "ImageDecodeError", "SyntheticDataError", "SynthConfigError",
     "RecipeError", "ViewError", "SampleError", "OptimError", "ScheduleError", "CheckpointError", "EvalInputError",
     "BenchError", "NonFiniteLossError", "IncompleteRunError", "RunLockedError",
-    "ExportError",
+    "ExportError", "ReportError",
 ]

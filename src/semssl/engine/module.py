@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from semssl.config import Config, to_dict
+from semssl.engine.monitor import rankme_due, rankme_logs
 from semssl.engine.step import build_schedules, optimisation_step, with_values
 from semssl.methods import Method, build_method
 from semssl.optim import build_optimizer, scaled_lr
@@ -69,12 +70,20 @@ class SSLModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        steps_done = int(self.global_step)
         out = optimisation_step(self.method, opt, batch, self.progress(), self.cfg, backward=self.manual_backward,
                                 unscale=(lambda: scaler.unscale_(opt.optimizer)) if scaler is not None else None)
+        embeddings = out.pop("embeddings", None)  # detached [N, D] matrices for the RankMe monitor (methods.base)
         loss = out["loss"]
         logs = {f"train/{k}": (v.detach().float() if torch.is_tensor(v) else v) for k, v in out.items()
                 if not torch.is_tensor(v) or v.numel() == 1}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+        if self.trainer.is_global_zero and rankme_due(steps_done, self.cfg.trainer.rankme_every_n_steps):
+            # Decision: written to the loggers directly, at the step Lightning gives this batch's row: through
+            # self.log a value logged on some steps only is repeated on every later logged step of the epoch
+            values = rankme_logs(self.method, embeddings, batch, self.cfg)
+            for logger in self.loggers:
+                logger.log_metrics(values, step=steps_done)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False,
                  batch_size=self.cfg.data.batch_size)
         return loss.detach()

@@ -1,15 +1,64 @@
-"""Callbacks that look at the method while it trains: the online kNN monitor (around
-:func:`semssl.eval.evaluate.evaluate`) and figures drawn every few epochs (``trainer.figures``)."""
+"""What looks at the method while it trains: the online kNN monitor (around
+:func:`semssl.eval.evaluate.evaluate`), figures drawn every few epochs (``trainer.figures``) and RankMe of the
+training batch's embeddings (``trainer.rankme_every_n_steps``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 
 from semssl.distributed import broadcast_buffers
 from semssl.eval.evaluate import evaluate
+from semssl.eval.rankme import rankme, subsample_rows
+
+#: the logged name of RankMe per kind of embedding a method returns under ``"embeddings"`` (semssl.methods.base)
+RANKME_KEYS = {"pooled": "monitor/rankme", "dense": "monitor/rankme_dense", "region": "monitor/rankme_region"}
+#: rows of one SVD: a batch's pooled embeddings fit; dense and region matrices are evenly subsampled to it
+RANKME_MAX_ROWS = 2048
+
+
+def rankme_due(steps_done: int, every: int) -> bool:
+    """Whether the step after ``steps_done`` optimisation steps is measured (``trainer.rankme_every_n_steps``:
+    steps 0, every, 2 every, ...; 0 = off)."""
+    return every > 0 and steps_done % every == 0
+
+
+@torch.no_grad()
+def rankme_logs(method: Any, embeddings: Optional[dict[str, Tensor]], batch: dict,
+                cfg: Any) -> dict[str, float]:
+    """``{"monitor/rankme": ..., "monitor/rankme_dense": ..., "monitor/rankme_region": ...}`` for the kinds the
+    method returned (:data:`RANKME_KEYS`).
+
+    Decision: a method that computes no pooled vector in its step (SoCo, D3SSL: C4 -> RoIAlign -> C5 only) gets
+    its pooled embeddings from ``method.features`` on the first view it reads, in eval mode (so BatchNorm's running
+    statistics, what the checkpoint and the evaluation use, do not see the extra forward), then train mode again."""
+    found = dict(embeddings or {})
+    unknown = sorted(set(found) - set(RANKME_KEYS))
+    if unknown:
+        raise ValueError(f"method '{cfg.method.name}' returned embeddings {unknown}; the monitor knows "
+                         f"{sorted(RANKME_KEYS)}")
+    if "pooled" not in found:
+        view = method.required_views(cfg.method)[0]
+        was_training = method.training
+        method.eval()
+        try:
+            found["pooled"] = method.features(batch["views"][view], kind="pooled")
+        finally:
+            method.train(was_training)
+    return {RANKME_KEYS[kind]: rankme(subsample_rows(as_rows(z), RANKME_MAX_ROWS))
+            for kind, z in found.items() if z is not None and z.numel()}
+
+
+def as_rows(z: Tensor) -> Tensor:
+    """``[rows, C]``: a matrix as it is, a stage map ``[N, C, h, w]`` one row per location (row-major)."""
+    z = z.detach()
+    if z.dim() == 4:
+        return z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1])
+    return z.reshape(-1, z.shape[-1])
 
 
 class KNNMonitor(pl.Callback):

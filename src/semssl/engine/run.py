@@ -8,8 +8,12 @@ Run folder::
       logs/tensorboard/      TensorBoard events
       logs/csv/metrics.csv   the same scalars as CSV
       metrics.json           {"trained": {...}, "random_init": {...}, "random_init_bn": {...}, "pixels": {...},
-                              "run": {...}}, accuracies in percent
+                              "run": {...}}, accuracies in percent; "run" holds the length, wall time, machine
+                              and package versions (run_environment)
+      figures/               trainer.figures drawn during training
       run.lock               pid and host of the process training here, while it runs (engine/resume.py)
+
+``semssl report RUN`` turns the folder into one HTML page (semssl.viz.report).
 """
 
 from __future__ import annotations
@@ -379,6 +383,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             "eval_train": paths["eval_train"], "eval_test": paths["eval_test"],
             "knn_monitor": monitor.history if monitor else [],
             "peak_rss_mb": peak_rss_mb(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+            **run_environment(trainer),
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", metrics)
@@ -390,6 +396,48 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+#: the packages whose versions a run records (those its numbers depend on)
+RECORDED_PACKAGES = ("torch", "torchvision", "lightning", "numpy", "pillow", "timm", "opencv-contrib-python-headless",
+                     "matplotlib")
+
+
+def run_environment(trainer: Optional[pl.Trainer] = None) -> dict[str, Any]:
+    """``{"machine": {...}, "versions": {...}}`` of this process, for ``metrics.json`` and the run report: the host,
+    platform, CPU model and count, torch threads, accelerator and devices; semssl's, Python's and
+    :data:`RECORDED_PACKAGES`' versions (None where a package is not installed)."""
+    import platform
+    import socket
+    from importlib import metadata
+
+    import semssl
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    machine: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
+                               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if trainer is not None:
+        machine["accelerator"] = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+        machine["devices"] = int(trainer.num_devices)
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    versions: dict[str, Optional[str]] = {"semssl": semssl.__version__, "python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import torchvision
+
+    versions["torch"], versions["torchvision"] = torch.__version__, torchvision.__version__  # with the build (+cu130)
+    return {"machine": machine, "versions": versions}
 
 
 def peak_rss_mb() -> float:

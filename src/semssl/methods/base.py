@@ -13,6 +13,14 @@ A method builds its modules from its config and declares
 and implements ``training_step(batch, progress) -> {"loss", logs...}`` and
 ``features(images, branch=None, kind="pooled")``, the one entry point of every evaluation (the online kNN
 monitor, the final evaluation, ``semssl eval`` and checkpoint loading). The engine never looks inside.
+
+``training_step`` may also return, under ``"embeddings"``, a dict of detached embedding matrices the step computed
+anyway, for the engine's RankMe monitor (:mod:`semssl.eval.rankme`; logged every ``trainer.rankme_every_n_steps``
+as ``monitor/rankme``, ``monitor/rankme_dense``, ``monitor/rankme_region``): ``pooled`` ``[N, C]`` (the backbone's
+pooled vectors of one view), ``dense`` (its last stage map ``[N, C, h, w]``, one row per location once the engine
+flattens it, on the steps it measures: dense methods) and ``region`` ``[R, C]`` (pooled RoI features of the
+proposals, zeros for invalid slots: region methods). The engine takes the key out before logging; a method
+without ``pooled`` gets it from :meth:`Method.features` on its first view.
 """
 
 from __future__ import annotations
@@ -97,7 +105,8 @@ class Method(nn.Module, abc.ABC):
     # -- training --------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def training_step(self, batch: dict, progress: Progress) -> dict[str, Tensor]:
-        """One step's losses: ``{"loss": scalar to minimise, other scalars to log}``."""
+        """One step's losses: ``{"loss": scalar to minimise, other scalars to log}``, optionally with
+        ``"embeddings"`` (the module docstring)."""
 
     def on_after_backward(self, progress: Progress) -> None:
         """Hook between backward and the optimiser step (e.g. DINO's frozen last layer in epoch 0)."""

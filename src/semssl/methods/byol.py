@@ -68,7 +68,10 @@ class ProjectedEncoder(nn.Module):
 
 def embedding_std(z: Tensor) -> Tensor:
     """Collapse monitor (SimSiam §4.1): the per-dimension standard deviation over the batch of the L2-normalised
-    embeddings ``[N, D]``, averaged over dimensions; ~1/sqrt(D) for spread embeddings, 0 when collapsed."""
+    embeddings ``[N, D]``, averaged over dimensions; ~1/sqrt(D) for spread embeddings, 0 when collapsed (and for
+    a single embedding, which has no spread)."""
+    if z.shape[0] < 2:
+        return z.new_zeros((), dtype=torch.float32)
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
@@ -121,4 +124,4 @@ class BYOL(Method):
         loss, z = out["loss"], out["online"]["z"]
         if self.cfg.symmetric:
             loss = loss + self.regress(x_b, x_a)["loss"]
-        return {"loss": loss, "z_std": embedding_std(z)}
+        return {"loss": loss, "z_std": embedding_std(z), "embeddings": {"pooled": out["online"]["pooled"].detach()}}

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from semssl.errors import ConfigError, SampleError
 from semssl.methods import register
-from semssl.methods.soco import SoCo, SoCoConfig, embedding_std
+from semssl.methods.soco import SoCo, SoCoConfig, embedding_std, region_embeddings
 
 
 @dataclass
@@ -95,6 +95,7 @@ class D3SSL(SoCo):
             loss = loss + l1 + l2
             acc += [g1.get("acc1"), g2.get("acc1")]
             out["z_std"], out["pairs"] = embedding_std(s1["z"], s1["valid"]), g1["pairs"]
+            out["embeddings"] = {"region": region_embeddings(s1)}
         if cfg.depositioning:
             s3 = self.student(batch, cfg.composite_view)
             l3, g3 = self.pair_loss(s3, t2)
@@ -104,6 +105,7 @@ class D3SSL(SoCo):
             acc += [g3.get("acc1"), g4.get("acc1")]
             out.setdefault("z_std", embedding_std(s3["z"], s3["valid"]))
             out.setdefault("pairs", g3["pairs"])
+            out.setdefault("embeddings", {"region": region_embeddings(s3)})
         self.enqueue(t1, t2)
         acc = [a for a in acc if a is not None]
         if acc:

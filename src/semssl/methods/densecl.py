@@ -134,6 +134,7 @@ class DenseCL(MoCoV2):
             logs["acc_dense"] = (first["logits_dense"].argmax(dim=1) == 0).float().mean() * 100
             logs["std_z"] = embedding_std(first["q"]["z"])
             logs["std_dense"] = embedding_std(first["q"]["dense"].reshape(-1, self.cfg.dense_dim))
+            logs["embeddings"] = {"pooled": first["q"]["pooled"].detach(), "dense": first["q"]["layer4"].detach()}
         return logs
 
     # -- evaluation ----------------------------------------------------------------------------------------

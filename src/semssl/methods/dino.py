@@ -210,11 +210,11 @@ class DINO(Method):
                     "embed_std": pooled.std(0).mean() * math.sqrt(pooled.shape[1]) if pooled.shape[0] > 1
                     else torch.zeros(())}
         return {"loss": loss, "logs": logs, "student": student, "teacher": teacher, "batch_size": b,
-                "teacher_temp": tau_t}
+                "teacher_temp": tau_t, "embeddings": {"pooled": teacher["pooled"].detach()}}
 
     def training_step(self, batch: dict, progress: Progress) -> dict[str, Tensor]:
         out = self.dino_forward(batch, progress)
-        return {"loss": out["loss"], **out["logs"]}
+        return {"loss": out["loss"], **out["logs"], "embeddings": out["embeddings"]}
 
     def frozen_last_layer_steps(self, progress: Progress) -> int:
         """Number of first steps whose last-layer gradients are dropped (``freeze_last_layer`` resolved)."""

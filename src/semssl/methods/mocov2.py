@@ -27,6 +27,7 @@ from semssl.distributed import batch_shuffle, batch_unshuffle
 from semssl.losses.infonce import MemoryQueue, info_nce
 from semssl.methods import register
 from semssl.methods.base import Method, MethodConfig
+from semssl.methods.byol import embedding_std
 from semssl.models.backbones import ResNetBackbone, build_backbone
 from semssl.models.heads import MLP
 
@@ -117,4 +118,5 @@ class MoCoV2(Method):
         for key in keys:
             self.queue.enqueue(key)
         acc = (out["logits"].argmax(dim=1) == 0).float().mean() * 100
-        return {"loss": loss, "acc1": acc.detach()}
+        return {"loss": loss, "acc1": acc.detach(), "z_std": embedding_std(out["q"]["z"]),
+                "embeddings": {"pooled": out["q"]["pooled"].detach()}}

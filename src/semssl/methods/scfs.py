@@ -214,7 +214,7 @@ class SCFS(DINO):
     def training_step(self, batch: dict, progress: Progress) -> dict[str, Tensor]:
         out = self.dino_forward(batch, progress)
         if not self.stages:
-            return {"loss": out["loss"], **out["logs"]}
+            return {"loss": out["loss"], **out["logs"], "embeddings": out["embeddings"]}
         cfg, b = self.cfg, out["batch_size"]
         tau_s, tau_t = cfg.student_temp, out["teacher_temp"]
         s_global, s_locals, t_global = out["student"][0], out["student"][1:], out["teacher"]
@@ -259,7 +259,7 @@ class SCFS(DINO):
             source = regions["source"]
             logs["roi_second_crop"] = (source > 0).float().mean()
             logs["roi_fallback"] = (source < 0).float().mean()
-        return {"loss": total, **logs}
+        return {"loss": total, **logs, "embeddings": out["embeddings"]}
 
     def _searched_crops(self) -> tuple[int, ...]:
         """Global crops the local crops search: crop 0 (released) or all (``search_views: both``, Eq. 9)."""

@@ -116,6 +116,14 @@ def embedding_std(z: Tensor, valid: Tensor) -> Tensor:
     return F.normalize(flat, dim=1).std(dim=0).mean()
 
 
+def region_embeddings(student: dict[str, Tensor]) -> Tensor:
+    """``[N*P, C5]``: the pooled C5 RoI features of a student view's slots, detached (RankMe monitor). Invalid
+    slots hold zeros, rows that change no singular value, so they are not masked out (a mask would synchronise
+    the device at every step)."""
+    region = student["region"].detach()
+    return region.reshape(-1, region.shape[-1])
+
+
 @register("soco")
 class SoCo(Method):
     config_class = SoCoConfig
@@ -218,7 +226,8 @@ class SoCo(Method):
         loss_ab, logs = self.pair_loss(s_a, t_b)
         loss_ba, logs_ba = self.pair_loss(s_b, t_a)
         self.enqueue(t_a, t_b)
-        out = {"loss": loss_ab + loss_ba, "z_std": embedding_std(s_a["z"], s_a["valid"]), "pairs": logs["pairs"]}
+        out = {"loss": loss_ab + loss_ba, "z_std": embedding_std(s_a["z"], s_a["valid"]), "pairs": logs["pairs"],
+               "embeddings": {"region": region_embeddings(s_a)}}
         if "acc1" in logs:
             out["acc1"] = (logs["acc1"] + logs_ba["acc1"]).detach() / 2
         return out

@@ -85,21 +85,27 @@ def augment_row(image: torch.Tensor, boxes: torch.Tensor, background: torch.Tens
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.n < 2:
+        raise ConfigError(f"--n must be >= 2 (the composite pastes onto another image), got {args.n}")
+    print(draw_regions(image_files(args.images, args.n), Path(args.out), args.size, args.boxes, args.seed))
+    return 0
+
+
+def draw_regions(files: list[Path], out: Path, size: int = 224, boxes: int = 4, seed: int = 0) -> Path:
+    """The figure (module docstring) for the image ``files`` (at least 2), written to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    if args.n < 2:
-        raise ConfigError(f"--n must be >= 2 (the composite pastes onto another image), got {args.n}")
-    if args.size < 32 or args.boxes < 1:
-        raise ConfigError(f"--size must be >= 32 and --boxes >= 1, got {args.size} and {args.boxes}")
-    files = image_files(args.images, args.n)
+    max_boxes = boxes
+    if size < 32 or max_boxes < 1:
+        raise ConfigError(f"--size must be >= 32 and --boxes >= 1, got {size} and {max_boxes}")
     if len(files) < 2:
         raise DataError(f"--images: need at least 2 images, found {len(files)}")
-    loaded = [load_with_proposals(f, args.size, args.boxes) for f in files]
-    generator = torch.Generator().manual_seed(args.seed)
+    loaded = [load_with_proposals(f, size, max_boxes) for f in files]
+    generator = torch.Generator().manual_seed(seed)
     fig, axes = plt.subplots(len(loaded), len(COLUMNS), figsize=(2.6 * len(COLUMNS), 2.6 * len(loaded)),
                              squeeze=False)
     for r, (image, boxes) in enumerate(loaded):
@@ -117,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
             if r == 0:
                 ax.set_title(name)
         axes[r][0].set_ylabel(files[r].name[:20], fontsize=8)
-    fig.suptitle(f"D3SSL region augmentations, {args.size} px, {args.boxes} largest proposals, seed {args.seed}")
+    fig.suptitle(f"D3SSL region augmentations, {size} px, {max_boxes} largest proposals, seed {seed}")
     fig.tight_layout()
-    print(save_figure(fig, Path(args.out)))
-    return 0
+    return save_figure(fig, Path(out))
