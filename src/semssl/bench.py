@@ -428,16 +428,10 @@ def environment() -> dict[str, Any]:
 
     import torchvision
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from semssl.engine.run import cpu_model
+
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -403,6 +403,19 @@ RECORDED_PACKAGES = ("torch", "torchvision", "lightning", "numpy", "pillow", "ti
                      "matplotlib")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` where that is not readable)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
 def run_environment(trainer: Optional[pl.Trainer] = None) -> dict[str, Any]:
     """``{"machine": {...}, "versions": {...}}`` of this process, for ``metrics.json`` and the run report: the host,
     platform, CPU model and count, torch threads, accelerator and devices; semssl's, Python's and
@@ -413,15 +426,7 @@ def run_environment(trainer: Optional[pl.Trainer] = None) -> dict[str, Any]:
 
     import semssl
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    machine: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
+    machine: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu_model(),
                                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if trainer is not None:
         machine["accelerator"] = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
