@@ -1,4 +1,4 @@
-"""The ``semssl`` command line: ``pretrain | eval | viz | report | data | methods | recipes | finetune |
+"""The ``semssl`` command line: ``pretrain | eval | viz | report | reproduce | data | methods | recipes | finetune |
 transfer | export`` (the transfer commands' options live in :mod:`semssl.cli_transfer`).
 
 Every sub-command prints a short human-readable result and, where it measures something, writes JSON.
@@ -263,6 +263,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ reproduce
+EPILOG_REPRODUCE = """\
+tables: {tables}
+examples:
+  semssl reproduce d3ssl table7 --dry-run                 # the runs, their state and estimated time
+  semssl reproduce d3ssl table7 --seeds 0,1,2             # run what is missing, then print the table
+  semssl reproduce dsc table4 --seeds 0 --detect          # with the detection AP columns (slow here)
+  semssl reproduce scfs table7 --scale paper              # the exact commands for a GPU cluster
+  semssl reproduce scfs table8 --seeds 0 --set trainer.max_steps=500   # a shorter budget for every row
+"""
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """``semssl reproduce PAPER TABLE``: the work is :func:`semssl.reproduce.reproduce`."""
+    from semssl.reproduce import reproduce
+
+    return reproduce(args.paper, args.table, seeds=args.seeds, out=args.out, scale=args.scale, dry=args.dry_run,
+                     detect=args.detect, extra=args.set)
+
+
 # ------------------------------------------------------------------------------------------------ lists
 def cmd_methods(args: argparse.Namespace) -> int:
     from semssl.methods import available_methods
@@ -453,6 +473,31 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-draw", action="store_true",
                       help="draw no figure from the checkpoints; embed only those the runs drew during training")
     prep.set_defaults(func=cmd_report)
+
+    from semssl.reproduce_tables import TABLES
+
+    prd = sub.add_parser("reproduce", help="one ablation table of a paper at small scale: every row, every seed, "
+                                           "then the table beside the paper's",
+                         description=(__import__("semssl.reproduce", fromlist=["_"]).__doc__ or "").split("\n\n")[0]
+                         + " Runs what is missing (resumes), shows progress and an ETA, prints each column's rows "
+                           "beside the paper's numbers with the sign of every difference (docs/reproduction.md).",
+                         epilog=EPILOG_REPRODUCE.format(tables=", ".join(f"{p} {t}" for p, t in TABLES)),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    prd.add_argument("paper", choices=sorted({p for p, _ in TABLES}), help="scfs | scd | dsc | d3ssl")
+    prd.add_argument("table", help="the paper's table: " + "; ".join(
+        f"{p}: {'|'.join(t for q, t in TABLES if q == p)}" for p in sorted({p for p, _ in TABLES})))
+    prd.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of every row (default 0,1,2)")
+    prd.add_argument("--out", default="runs/reproduce",
+                     help="folder of the tables' runs, <out>/<paper>-<table>/<row>-s<seed> (default runs/reproduce)")
+    prd.add_argument("--scale", choices=["small", "paper"], default="small",
+                     help="small: run here (default); paper: print the commands for a GPU cluster, run nothing")
+    prd.add_argument("--dry-run", action="store_true",
+                     help="list the runs, their state and estimated time; run nothing")
+    prd.add_argument("--detect", action="store_true",
+                     help="also run the detection transfer (semssl transfer detect) for the AP columns (slow here)")
+    prd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an override added to every row's pre-training (e.g. trainer.max_steps=500); repeatable")
+    prd.set_defaults(func=cmd_reproduce)
 
     pm = sub.add_parser("methods", help="list the available methods, one per line")
     pm.set_defaults(func=cmd_methods)
