@@ -19,8 +19,8 @@ Small scale (``--scale small``, the default): the learning-check recipes of docs
   (frozen, in place of VOC AP) and ``semssl eval bias`` (CR and MCS of layer4, the backbone's output).
 
 Detection AP (``semssl transfer detect --recipe msrc-v2_small``) is opt-in (``--detect``): at this scale it is the
-slowest evaluation by far (docs/results.md §9: ~26 s per iteration on the 32 px small-input backbones), so by
-default the AP columns are read through the frozen probe each table names, and the printed table says so.
+slowest evaluation by far (~26 s per iteration on the 32 px small-input backbones, docs/results.md section 9), so
+by default the AP columns are read through the frozen probe each table names, and the printed table says so.
 
 Decisions where the papers are silent, here so the tables and docs/reproduction.md say the same:
 
@@ -119,7 +119,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         "dense_sb", "frozen probe",
         ("eval", "dense", "--checkpoint", "{run}", "--train", SB_TRAIN, "--test", SB_VAL, "--ignore-index", "15",
          "--workers", "0", "--out", "{run}/eval_dense.json"),
-        "eval_dense.json", 120.0),
+        "eval_dense.json", 60.0),
     "objects_msrc": Evaluation(
         "objects_msrc", "frozen probe",
         ("eval", "objects", "--checkpoint", "{run}", "--train", f"{MSRC}/instances_train.json", "--test",
