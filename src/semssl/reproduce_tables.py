@@ -114,7 +114,7 @@ EVALUATIONS: dict[str, Evaluation] = {
         "segment_sb", "transfer",
         ("transfer", "segment", "--checkpoint", "{run}", "--recipe", "stanford-background_small", "--train",
          SB_TRAIN, "--test", SB_VAL, "--workers", "0", "--out", "{run}/transfer_segment"),
-        "transfer_segment/result.json", 240.0),
+        "transfer_segment/result.json", 120.0),
     "dense_sb": Evaluation(
         "dense_sb", "frozen probe",
         ("eval", "dense", "--checkpoint", "{run}", "--train", SB_TRAIN, "--test", SB_VAL, "--ignore-index", "15",
@@ -170,7 +170,7 @@ def _own(key: str, header: str, metric: str, paper: Optional[str]) -> Measure:
 
 KNN = _own("knn", "kNN k20", "knn_top1", "k-NN")
 LINEAR = _own("linear", "linear (fast)", "linear_top1", "LP")
-SEG_MIOU = Measure("seg_miou", "seg. mIoU (fine-tuned SB)", "segment_sb", ("value", "miou"), "mIoU")
+SEG_MIOU = Measure("seg_miou", "seg. mIoU (fine-tuned SB)", "segment_sb", ("model", "miou"), "mIoU")
 DENSE_MIOU = Measure("dense_miou", "dense probe mIoU (frozen SB)", "dense_sb", ("trained", "dense_miou"))
 OKNN_AP = Measure("oknn", "O-KNN top-1 (frozen, for AP)", "objects_msrc", ("objects", "oknn_top1"), "AP")
 CR = Measure("cr", "CR layer4", "bias_msrc", ("coupling_rate", "layer4"), "CR", higher_is_better=False, digits=3)
@@ -178,7 +178,7 @@ MCS = Measure("mcs", "MCS layer4", "bias_msrc", ("positional_mcs", "layer4"), "M
 
 
 def _ap(suffix: str, paper: str) -> Measure:
-    return Measure(f"ap{suffix}", f"box AP{suffix} (msrc-v2, --detect)", "detect_msrc", ("value", f"box_ap{suffix}"),
+    return Measure(f"ap{suffix}", f"box AP{suffix} (msrc-v2, --detect)", "detect_msrc", ("model", f"box_ap{suffix}"),
                    paper)
 
 
@@ -259,8 +259,8 @@ SCD_DESC = ("SCD-BYOL, ImageNet-100, 200 epochs; IN-100 linear top-1 and VOC 07+
             f"CIFAR-10 slice, {SCD_SMALL} (1,800 steps); fast linear probe for IN-100, fine-tuned Stanford "
             "Background segmentation (transfer segment) for VOC AP")
 SCD_LINEAR = _own("linear", "linear (fast)", "linear_top1", "IN-100")
-SCD_SEG = Measure("seg_miou", "seg. mIoU (fine-tuned SB, for VOC AP)", "segment_sb", ("value", "miou"), "VOC 07+12")
-SCD_AP = Measure("ap", "box AP (msrc-v2, --detect)", "detect_msrc", ("value", "box_ap"), "VOC 07+12")
+SCD_SEG = Measure("seg_miou", "seg. mIoU (fine-tuned SB, for VOC AP)", "segment_sb", ("model", "miou"), "VOC 07+12")
+SCD_AP = Measure("ap", "box AP (msrc-v2, --detect)", "detect_msrc", ("model", "box_ap"), "VOC 07+12")
 SCD_PAPER_SCALE = (
     "semssl pretrain -c {recipe} {overrides} trainer.seed={seed} data.train=$IMAGENET100/train trainer.max_epochs=200 "
     "eval.enabled=false trainer.out_dir={out} trainer.run_name={run_name}",
