@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from semssl.losses import compute_dtype
+
 
 def byol_loss(prediction: Tensor, target: Tensor, eps: float = 1e-12) -> Tensor:
     """Normalised mean squared error ``|| p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)``, averaged over the batch.
@@ -20,11 +22,13 @@ def byol_loss(prediction: Tensor, target: Tensor, eps: float = 1e-12) -> Tensor:
         eps: the L2 normalisation's lower bound on the norm (``F.normalize``), so a zero vector gives cos 0.
 
     Returns:
-        The scalar ``mean_n (2 - 2 cos(p_n, z_n))`` in ``[0, 4]``.
+        The scalar ``mean_n (2 - 2 cos(p_n, z_n))`` in ``[0, 4]``, in :func:`~semssl.losses.compute_dtype` of the
+        inputs.
     """
     if prediction.shape != target.shape or prediction.dim() != 2:
         raise ValueError(f"byol_loss: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} must be "
                          f"equal [N, D] shapes")
-    p = F.normalize(prediction, dim=1, eps=eps)
-    z = F.normalize(target.detach(), dim=1, eps=eps)
+    dtype = compute_dtype(prediction, target)
+    p = F.normalize(prediction.to(dtype), dim=1, eps=eps)
+    z = F.normalize(target.detach().to(dtype), dim=1, eps=eps)
     return (2 - 2 * (p * z).sum(dim=1)).mean()

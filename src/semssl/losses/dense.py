@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semssl.losses import compute_dtype
 from semssl.losses.infonce import info_nce
 
 
@@ -40,7 +41,8 @@ def dense_correspondence(f_q: Tensor, f_k: Tensor) -> Tensor:
     if f_q.dim() != 3 or f_k.dim() != 3 or f_q.shape[0] != f_k.shape[0] or f_q.shape[2] != f_k.shape[2]:
         raise ValueError(f"dense_correspondence: expected [B, S_q, C] and [B, S_k, C], got {tuple(f_q.shape)} and "
                          f"{tuple(f_k.shape)}")
-    sim = torch.bmm(F.normalize(f_q.float(), dim=2), F.normalize(f_k.float(), dim=2).transpose(1, 2))
+    dtype = compute_dtype(f_q, f_k)  # the cosines in float64 for float64 features (float32 at least)
+    sim = torch.bmm(F.normalize(f_q.to(dtype), dim=2), F.normalize(f_k.to(dtype), dim=2).transpose(1, 2))
     return sim.argmax(dim=2)
 
 

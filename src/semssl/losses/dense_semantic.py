@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semssl.losses import at_least_float32, compute_dtype
+
 
 @torch.no_grad()
 def same_view_neighbors(f: Tensor, n: int = 1) -> Tensor:
@@ -41,7 +43,7 @@ def same_view_neighbors(f: Tensor, n: int = 1) -> Tensor:
     s = f.shape[1]
     if not 1 <= n < s:
         raise ValueError(f"same_view_neighbors: need 1 <= n < S = {s} positions, got n = {n}")
-    f = F.normalize(f.float(), dim=2)
+    f = F.normalize(at_least_float32(f), dim=2)
     sim = torch.bmm(f, f.transpose(1, 2))
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     return sim.topk(n, dim=2).indices
@@ -68,9 +70,11 @@ def neighbor_info_nce(q: Tensor, k_pos: Tensor, neighbors: Tensor, negatives: Te
     if neighbors.dim() != 3 or neighbors.shape[0] != q.shape[0]:
         raise ValueError(f"neighbor_info_nce: neighbors must be [N, M, D] with N = {q.shape[0]}, got "
                          f"{tuple(neighbors.shape)}")
-    pos = torch.cat([(q * k_pos.detach()).sum(dim=1, keepdim=True),
-                     torch.einsum("nd,nmd->nm", q, neighbors.detach())], dim=1) / temperature
-    neg = q @ negatives.detach().t() / temperature
+    dtype = compute_dtype(q, k_pos, neighbors, negatives)
+    q, k_pos, neighbors, negatives = (t.to(dtype) for t in (q, k_pos.detach(), neighbors.detach(), negatives.detach()))
+    pos = torch.cat([(q * k_pos).sum(dim=1, keepdim=True), torch.einsum("nd,nmd->nm", q, neighbors)],
+                    dim=1) / temperature
+    neg = q @ negatives.t() / temperature
     return (torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - torch.logsumexp(pos, dim=1)).mean()
 
 
@@ -98,8 +102,10 @@ def neighbor_triplet(anchor: Tensor, positive: Tensor, neighbors: Tensor, margin
     """
     if sign not in ("printed", "corrected"):
         raise ValueError(f"neighbor_triplet: sign must be 'printed' or 'corrected', got {sign!r}")
-    s_pos = (anchor * positive.detach()).sum(dim=1, keepdim=True)  # [N, 1]
-    s_nei = torch.einsum("nd,nmd->nm", anchor, neighbors.detach())  # [N, M]
+    dtype = compute_dtype(anchor, positive, neighbors)
+    anchor, positive, neighbors = anchor.to(dtype), positive.detach().to(dtype), neighbors.detach().to(dtype)
+    s_pos = (anchor * positive).sum(dim=1, keepdim=True)  # [N, 1]
+    s_nei = torch.einsum("nd,nmd->nm", anchor, neighbors)  # [N, M]
     gap = s_pos - s_nei if sign == "printed" else s_nei - s_pos
     return F.relu(gap + margin).sum(dim=1).mean()
 
@@ -124,17 +130,19 @@ def centroid_info_nce(e_a: Tensor, e_b: Tensor, valid: Tensor, temperature: floa
     if e_a.shape != e_b.shape or valid.shape != e_a.shape[:1]:
         raise ValueError(f"centroid_info_nce: e_a, e_b [K, D] and valid [K] expected, got {tuple(e_a.shape)}, "
                          f"{tuple(e_b.shape)}, {tuple(valid.shape)}")
-    a, b = e_a[valid], e_b[valid].detach()
+    dtype = compute_dtype(e_a, e_b)
+    a, b = e_a[valid].to(dtype), e_b[valid].detach().to(dtype)
     if a.shape[0] < 2:
-        return e_a.sum() * 0.0
+        return e_a.to(dtype).sum() * 0.0
     logits = a @ b.t() / temperature
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 
 
 @torch.no_grad()
 def hard_codes(scores: Tensor) -> Tensor:
-    """One-hot code of the highest-scoring prototype, ``[N, K]`` float (the "CE" variant's target)."""
-    return F.one_hot(scores.argmax(dim=1), scores.shape[1]).to(scores.dtype)
+    """One-hot code of the highest-scoring prototype, ``[N, K]`` in :func:`~semssl.losses.compute_dtype` of
+    ``scores`` (the "CE" variant's target)."""
+    return F.one_hot(scores.argmax(dim=1), scores.shape[1]).to(compute_dtype(scores))
 
 
 def swapped_prediction(scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, codes_b: Tensor,
@@ -158,6 +166,9 @@ def swapped_prediction(scores_a: Tensor, scores_b: Tensor, codes_a: Tensor, code
     """
     if not scores_a.shape == scores_b.shape == codes_a.shape == codes_b.shape:
         raise ValueError("swapped_prediction: scores and codes must all be [N, K]")
-    ce_a = -(codes_b.detach() * F.log_softmax(scores_a / temperature, dim=1)).sum(dim=1).mean()
-    ce_b = -(codes_a.detach() * F.log_softmax(scores_b / temperature, dim=1)).sum(dim=1).mean()
+    dtype = compute_dtype(scores_a, scores_b, codes_a, codes_b)
+    scores_a, scores_b = scores_a.to(dtype), scores_b.to(dtype)
+    codes_a, codes_b = codes_a.detach().to(dtype), codes_b.detach().to(dtype)
+    ce_a = -(codes_b * F.log_softmax(scores_a / temperature, dim=1)).sum(dim=1).mean()
+    ce_b = -(codes_a * F.log_softmax(scores_b / temperature, dim=1)).sum(dim=1).mean()
     return ce_a + ce_b

@@ -12,7 +12,8 @@ center c (``[1, K]``, momentum 0.9), CE(p, q) = -sum_k p_k log q_k.
 * after the loss, ``c <- m c + (1 - m) mean(h_t)`` over all teacher rows of every process (:class:`Center`).
 
 Tensors are crop-major stacks ``[n_crops, B, K]`` (``x.view(n_crops, B, K)`` of a batch ``[n_crops * B, K]``
-whose index is ``crop * B + image``).
+whose index is ``crop * B + image``). Everything computes in :func:`~semssl.losses.compute_dtype` of its inputs:
+float32 under mixed precision, float64 in a float64 run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semssl.distributed import all_reduce_sum, world_size
+from semssl.losses import at_least_float32, compute_dtype
 
 __all__ = ["Center", "DINOLoss", "dino_cross_entropy", "dino_loss", "entropy", "teacher_targets"]
 
@@ -34,13 +36,14 @@ def teacher_targets(teacher_logits: Tensor, center: Tensor | None, teacher_temp:
         center: ``[1, K]`` (or broadcastable) running center, or None for no centering (SCFS's search targets).
         teacher_temp: tau_t > 0.
     Returns:
-        ``[..., K]`` probabilities, detached, in float32.
+        ``[..., K]`` probabilities, detached, in :func:`~semssl.losses.compute_dtype` of the logits and center.
     """
     if teacher_temp <= 0:
         raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
-    logits = teacher_logits.detach().float()
+    dtype = compute_dtype(teacher_logits) if center is None else compute_dtype(teacher_logits, center)
+    logits = teacher_logits.detach().to(dtype)
     if center is not None:
-        logits = logits - center.float()
+        logits = logits - center.to(dtype)
     return F.softmax(logits / teacher_temp, dim=-1)
 
 
@@ -56,7 +59,7 @@ def dino_cross_entropy(student_logits: Tensor, targets: Tensor, student_temp: fl
             only (i, i) with T == V (SCFS's local-vs-searched term, docs/methods/scfs.md §Losses: local crop i
             against its own target).
     Returns:
-        Scalar loss (float32).
+        Scalar loss, in :func:`~semssl.losses.compute_dtype` of the logits and targets.
     """
     if student_logits.ndim != 3 or targets.ndim != 3:
         raise ValueError(f"expected [crops, B, K] tensors, got student {tuple(student_logits.shape)} and targets "
@@ -66,11 +69,12 @@ def dino_cross_entropy(student_logits: Tensor, targets: Tensor, student_temp: fl
                          f"[B, K]")
     if student_temp <= 0:
         raise ValueError(f"student_temp must be > 0, got {student_temp}")
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    # ce[i, v] = mean_b CE(targets[i, b], p[v, b]); in float32 even under autocast (the originals' elementwise
-    # products stay in float32 there)
+    dtype = compute_dtype(student_logits, targets)
+    log_p = F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)
+    # ce[i, v] = mean_b CE(targets[i, b], p[v, b]); in float32 at least even under autocast (the originals'
+    # elementwise products stay in float32 there)
     with torch.autocast(device_type=log_p.device.type, enabled=False):
-        ce = -torch.einsum("tbk,vbk->tv", targets.float(), log_p) / student_logits.shape[1]
+        ce = -torch.einsum("tbk,vbk->tv", targets.to(dtype), log_p) / student_logits.shape[1]
     n_t, n_v = targets.shape[0], student_logits.shape[0]
     if pairs == "matched":
         if n_t != n_v:
@@ -105,14 +109,17 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor | N
 def entropy(probs: Tensor) -> Tensor:
     """Mean entropy (nats) of the distributions in the last dim — a collapse monitor: ``log K`` = uniform
     collapse, 0 = one-hot collapse."""
-    p = probs.float()
+    p = at_least_float32(probs)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
 class Center(nn.Module):
     """DINO's running center: a ``[1, dim]`` buffer (zeros at start) updated after each step with
     ``c <- m c + (1 - m) * batch_center``, where ``batch_center`` is the mean of the teacher outputs over every
-    row of every process (sum all-reduced, divided by rows x world size, docs/methods/dino.md §Loss)."""
+    row of every process (sum all-reduced, divided by rows x world size, docs/methods/dino.md §Loss).
+
+    The buffer starts in float32 and follows the module's dtype (``.double()`` in a float64 run); the batch mean is
+    computed in :func:`~semssl.losses.compute_dtype` of the outputs and the buffer."""
 
     def __init__(self, dim: int, momentum: float = 0.9) -> None:
         super().__init__()
@@ -124,7 +131,7 @@ class Center(nn.Module):
     @torch.no_grad()
     def update(self, teacher_logits: Tensor) -> None:
         """Update from teacher outputs ``[N, dim]`` (all crops of this process's batch)."""
-        rows = teacher_logits.reshape(-1, self.center.shape[1]).float()
+        rows = at_least_float32(teacher_logits.reshape(-1, self.center.shape[1]), self.center)
         batch_center = all_reduce_sum(rows.sum(0, keepdim=True)) / (rows.shape[0] * world_size())
         self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
 

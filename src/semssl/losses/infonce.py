@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semssl.distributed import concat_all_gather
+from semssl.losses import compute_dtype
 
 
 def info_nce(query: Tensor, key: Tensor, negatives: Tensor, temperature: float = 0.2) -> tuple[Tensor, Tensor]:
@@ -19,10 +20,13 @@ def info_nce(query: Tensor, key: Tensor, negatives: Tensor, temperature: float =
         temperature: tau (0.2 for MoCo-v2).
 
     Returns:
-        The mean loss and the logits ``[N, 1 + K]`` (positive in column 0) for accuracy logging.
+        The mean loss and the logits ``[N, 1 + K]`` (positive in column 0) for accuracy logging, in
+        :func:`~semssl.losses.compute_dtype` of the three inputs.
     """
-    pos = torch.einsum("nd,nd->n", query, key.detach()).unsqueeze(1)
-    neg = query @ negatives.detach().t()
+    dtype = compute_dtype(query, key, negatives)
+    query, key, negatives = query.to(dtype), key.detach().to(dtype), negatives.detach().to(dtype)
+    pos = torch.einsum("nd,nd->n", query, key).unsqueeze(1)
+    neg = query @ negatives.t()
     logits = torch.cat([pos, neg], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels), logits

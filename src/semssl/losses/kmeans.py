@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semssl.distributed import all_reduce_sum, concat_all_gather, world_size
+from semssl.losses import at_least_float32, compute_dtype
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def kmeans_init(x: Tensor, k: int, generator: torch.Generator | None = None) -> 
         generator: optional RNG for the draw.
 
     Returns:
-        ``[k, D]`` L2-normalised centroids.
+        ``[k, D]`` L2-normalised centroids, in :func:`~semssl.losses.compute_dtype` of ``x``.
     """
     if x.dim() != 2 or x.shape[0] < 1:
         raise ValueError(f"kmeans_init: expected points [N >= 1, D], got shape {tuple(x.shape)}")
@@ -44,7 +45,7 @@ def kmeans_init(x: Tensor, k: int, generator: torch.Generator | None = None) -> 
     else:
         idx = torch.randint(n, (per_rank,), generator=generator)
     picked = concat_all_gather(x.detach()[idx.to(x.device)].contiguous())
-    return F.normalize(picked[:k].float(), dim=1)
+    return F.normalize(at_least_float32(picked[:k]), dim=1)
 
 
 @torch.no_grad()
@@ -62,13 +63,15 @@ def spherical_kmeans(x: Tensor, centroids: Tensor, n_iters: int = 3) -> tuple[Te
         n_iters: Lloyd iterations (>= 0; 0 only assigns).
 
     Returns:
-        ``(centroids [K, D], assign [N_local] long)``.
+        ``(centroids [K, D], assign [N_local] long)``, the centroids (and the cosines behind both) in
+        :func:`~semssl.losses.compute_dtype` of the points and starting centroids.
     """
     if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
         raise ValueError(f"spherical_kmeans: points [N, D] and centroids [K, D] expected, got {tuple(x.shape)} "
                          f"and {tuple(centroids.shape)}")
-    x = x.detach().float()
-    c = centroids.detach().float().clone()
+    dtype = compute_dtype(x, centroids)
+    x = x.detach().to(dtype)
+    c = centroids.detach().to(dtype).clone()
     k = c.shape[0]
     for _ in range(n_iters):
         assign = (x @ c.t()).argmax(dim=1)
@@ -93,11 +96,13 @@ def cluster_means(x: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
         k: number of clusters.
 
     Returns:
-        ``(centroids [k, D], counts [k])``: an empty cluster has a zero centroid and count 0.
+        ``(centroids [k, D], counts [k])`` in :func:`~semssl.losses.compute_dtype` of ``x``: an empty cluster has
+        a zero centroid and count 0.
     """
     if x.dim() != 2 or assign.shape != x.shape[:1]:
         raise ValueError(f"cluster_means: x [N, D] and assign [N] expected, got {tuple(x.shape)} and "
                          f"{tuple(assign.shape)}")
+    x = at_least_float32(x)
     local = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, assign, x)
     counts = all_reduce_sum(torch.bincount(assign, minlength=k).to(x.dtype))
     total = all_reduce_sum(local.detach()) + world_size() * (local - local.detach())

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from semssl.losses import compute_dtype
+
 __all__ = ["roi_features", "region_correspondence", "soco_loss", "region_nce"]
 
 
@@ -63,7 +65,8 @@ def region_correspondence(ids_a: Tensor, valid_a: Tensor, ids_b: Tensor, valid_b
     and slot ``j`` of view b of row ``n`` hold the same proposal (equal ids, both valid, id >= 0), else 0.
     Padding duplicates (repeated ids) create several matches, as in SoCo.
 
-    Args: ``ids_a``/``valid_a`` ``[N, P]``, ``ids_b``/``valid_b`` ``[N, Q]``.  Returns float ``[N, P, Q]``.
+    Args: ``ids_a``/``valid_a`` ``[N, P]``, ``ids_b``/``valid_b`` ``[N, Q]``.  Returns float32 ``[N, P, Q]`` (a mask:
+    the losses cast it to their compute dtype).
     """
     if ids_a.shape != valid_a.shape or ids_b.shape != valid_b.shape or ids_a.shape[0] != ids_b.shape[0]:
         raise ValueError(f"region_correspondence: ids/valid must be [N, P] and [N, Q] with the same N, got "
@@ -75,7 +78,9 @@ def region_correspondence(ids_a: Tensor, valid_a: Tensor, ids_b: Tensor, valid_b
 
 def _pair_average(per_pair: Tensor, corr: Tensor) -> Tensor:
     """``mean_n sum_ij C_nij l_nij / (sum_ij C_nij + 1e-6)`` (SoCo's per-image average; an image without a
-    matched pair contributes 0)."""
+    matched pair contributes 0), in :func:`~semssl.losses.compute_dtype` of ``per_pair`` (the mask ``corr`` is cast
+    to it, so the ``+ 1e-6`` is not rounded in float32 for float64 losses)."""
+    corr = corr.to(compute_dtype(per_pair))
     return ((per_pair * corr).sum(dim=(1, 2)) / (corr.sum(dim=(1, 2)) + 1e-6)).mean()
 
 
@@ -93,7 +98,8 @@ def soco_loss(p: Tensor, z: Tensor, corr: Tensor) -> Tensor:
     if p.ndim != 3 or z.ndim != 3 or corr.shape != (p.shape[0], p.shape[1], z.shape[1]):
         raise ValueError(f"soco_loss: p [N, P, D] {tuple(p.shape)}, z [N, Q, D] {tuple(z.shape)} and corr "
                          f"[N, P, Q] {tuple(corr.shape)} do not fit")
-    sim = torch.einsum("npd,nqd->npq", F.normalize(p, dim=-1), F.normalize(z.detach(), dim=-1))
+    dtype = compute_dtype(p, z)
+    sim = torch.einsum("npd,nqd->npq", F.normalize(p.to(dtype), dim=-1), F.normalize(z.detach().to(dtype), dim=-1))
     return -2 * _pair_average(sim, corr)
 
 
@@ -117,12 +123,14 @@ def region_nce(q: Tensor, k: Tensor, corr: Tensor, negatives: Tensor, temperatur
     if q.ndim != 3 or k.ndim != 3 or corr.shape != (q.shape[0], q.shape[1], k.shape[1]):
         raise ValueError(f"region_nce: q [N, P, D] {tuple(q.shape)}, k [N, Q, D] {tuple(k.shape)} and corr "
                          f"[N, P, Q] {tuple(corr.shape)} do not fit")
-    qn, kn = F.normalize(q, dim=-1), F.normalize(k.detach(), dim=-1)
+    dtype = compute_dtype(q, k, negatives)
+    qn, kn = F.normalize(q.to(dtype), dim=-1), F.normalize(k.detach().to(dtype), dim=-1)
     pos = torch.einsum("npd,nqd->npq", qn, kn) / temperature
-    neg = torch.einsum("npd,md->npm", qn, negatives.detach().to(qn.dtype)) / temperature
+    neg = torch.einsum("npd,md->npm", qn, negatives.detach().to(dtype)) / temperature
     neg_lse = torch.logsumexp(neg, dim=-1, keepdim=True)  # [N, P, 1]
     per_pair = torch.logaddexp(pos, neg_lse) - pos
     with torch.no_grad():
-        hits = (pos > neg.max(dim=-1, keepdim=True).values).float()
-        acc = (hits * corr).sum() / corr.sum().clamp(min=1)
+        mask = corr.to(compute_dtype(pos))
+        hits = (pos > neg.max(dim=-1, keepdim=True).values).to(mask.dtype)
+        acc = (hits * mask).sum() / mask.sum().clamp(min=1)
     return _pair_average(per_pair, corr), acc

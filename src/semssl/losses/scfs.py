@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semssl.losses import compute_dtype
 from semssl.losses.dino import dino_cross_entropy, dino_loss, teacher_targets
 
 __all__ = ["feature_search", "scfs_stage_loss", "search_attention"]
@@ -56,12 +57,14 @@ def search_attention(query: Tensor, key_map: Tensor) -> Tensor:
         key_map: ``[M, C, H, W]`` teacher stage maps of one global crop of each of the M images (normalised here
             per position).
     Returns:
-        ``[N, H, W]``: ``A[n, y, x] = cos(query[n], key_map[n % M, :, y, x])`` in [-1, 1].
+        ``[N, H, W]``: ``A[n, y, x] = cos(query[n], key_map[n % M, :, y, x])`` in [-1, 1], in
+        :func:`~semssl.losses.compute_dtype` of the query and keys.
     """
     _check_query_keys(query, key_map)
     m = key_map.shape[0]
-    q = F.normalize(query.float(), dim=1).view(-1, m, query.shape[1])  # [n_crops, M, C]
-    k = F.normalize(key_map.float(), dim=1)  # [M, C, H, W]
+    dtype = compute_dtype(query, key_map)
+    q = F.normalize(query.to(dtype), dim=1).view(-1, m, query.shape[1])  # [n_crops, M, C]
+    k = F.normalize(key_map.to(dtype), dim=1)  # [M, C, H, W]
     attn = torch.einsum("nmc,mchw->nmhw", q, k)
     return attn.reshape(query.shape[0], *key_map.shape[2:])
 
@@ -104,9 +107,11 @@ def scfs_stage_loss(student_global: Tensor | None, teacher_global: Tensor | None
         student_temp, teacher_temp: tau_s, tau_t.
         weight: factor of the stage loss (1/2 released).
     Returns:
-        ``{"loss": weight * (global + local), "global": ..., "local": ...}`` (absent terms are 0).
+        ``{"loss": weight * (global + local), "global": ..., "local": ...}`` (absent terms are 0), in
+        :func:`~semssl.losses.compute_dtype` of the given outputs.
     """
-    zero = torch.zeros((), device=(student_global if student_global is not None else student_local).device)
+    given = [t for t in (student_global, teacher_global, center, student_local, search_targets) if t is not None]
+    zero = torch.zeros((), dtype=compute_dtype(*given), device=given[0].device)
     glob, loc = zero, zero
     if student_global is not None:
         if teacher_global is None:

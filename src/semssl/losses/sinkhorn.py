@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from semssl.distributed import all_reduce_sum, concat_all_gather
+from semssl.losses import at_least_float32
 
 
 @torch.no_grad()
@@ -33,13 +34,14 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, n_iters: int = 3) -> Tensor:
         n_iters: Sinkhorn iterations (3; at least 1).
 
     Returns:
-        ``[N_local, K]`` codes, float32, each row summing to 1.
+        ``[N_local, K]`` codes in :func:`~semssl.losses.compute_dtype` of ``scores`` (float32 for half-precision
+        scores, float64 for float64 ones), each row summing to 1.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn: expected scores [N, K], got shape {tuple(scores.shape)}")
     if epsilon <= 0 or n_iters < 1:
         raise ValueError(f"sinkhorn: epsilon must be > 0 and n_iters >= 1, got {epsilon} and {n_iters}")
-    log_q = scores.detach().float() / epsilon  # [N_local, K]: a sample per row here, a prototype per column
+    log_q = at_least_float32(scores.detach()) / epsilon  # [N_local, K]: a sample per row here, a prototype per column
     for _ in range(n_iters):
         log_q = log_q - _global_logsumexp_over_samples(log_q)  # each prototype: the same total mass
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # each sample: mass 1

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from semssl.losses import compute_dtype
+
 
 class TripletTerms(NamedTuple):
     """``loss`` = L_d of Eq. 5 (scalar); ``fg`` / ``bg`` = the batch means of its two hinge terms (before the
@@ -47,7 +49,8 @@ def fg_bg_triplet(z1_fg: Tensor, z1_bg: Tensor, z2_fg: Tensor, z2_bg: Tensor, ma
     shapes = {tuple(t.shape) for t in (z1_fg, z1_bg, z2_fg, z2_bg)}
     if len(shapes) != 1 or z1_fg.dim() != 2:
         raise ValueError(f"fg_bg_triplet: the four embeddings must be equal [N, D] shapes, got {sorted(shapes)}")
-    a_fg, a_bg, p_fg, p_bg = (F.normalize(t, dim=1, eps=eps) for t in (z1_fg, z1_bg, z2_fg, z2_bg))
+    dtype = compute_dtype(z1_fg, z1_bg, z2_fg, z2_bg)
+    a_fg, a_bg, p_fg, p_bg = (F.normalize(t.to(dtype), dim=1, eps=eps) for t in (z1_fg, z1_bg, z2_fg, z2_bg))
     s_fg_fg = (a_fg * p_fg).sum(1)
     s_fg_bg = (a_fg * p_bg).sum(1)
     s_bg_fg = (a_bg * p_fg).sum(1)

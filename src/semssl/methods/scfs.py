@@ -83,6 +83,7 @@ from torchvision.ops import roi_align
 
 from semssl.data.views import MIN_VALID_BOX_AREA, box_area, map_boxes
 from semssl.errors import ConfigError
+from semssl.losses import at_least_float32
 from semssl.losses.dino import Center
 from semssl.losses.scfs import feature_search, scfs_stage_loss
 from semssl.methods import register
@@ -318,8 +319,9 @@ class SCFS(DINO):
             inputs = torch.cat([t_map, searched])
             index = index.clone()
             index[fallback] = t_map.shape[0] + torch.arange(fallback.numel(), device=t_map.device)
-        rois = torch.cat([index[:, None].float(), boxes.float()], dim=1)
-        out = roi_align(inputs.float(), rois, output_size=self.cfg.roi_output_size,
+        inputs = at_least_float32(inputs)  # RoIAlign in float32 at least, float64 in a float64 run
+        rois = torch.cat([index[:, None].to(inputs.dtype), boxes.to(inputs.dtype)], dim=1)
+        out = roi_align(inputs, rois, output_size=self.cfg.roi_output_size,
                         spatial_scale=t_map.shape[-1] / plan["global_size"], sampling_ratio=-1,
                         aligned=True).to(t_map.dtype)
         mirror = plan["mirror"].to(t_map.device)[:, None, None, None]
