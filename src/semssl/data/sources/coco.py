@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from semssl.data.sources.base import (
     _PROBE_FILES,
@@ -138,12 +137,16 @@ class CocoSource(ImageSource):
         """Decode polygon / RLE segmentations to ``uint8 [N, H, W]`` 0/1 masks in one pycocotools call."""
         if not segs:
             return torch.zeros((0, height, width), dtype=torch.uint8)
+        from pycocotools import mask as mask_utils  # only for masks: boxes-only scenes load without it
+
         rles = [self._to_rle(index, ann_id, seg, height, width) for ann_id, seg in segs]
         stacked = mask_utils.decode(rles)  # [H, W, N], column-major
         return torch.from_numpy(np.ascontiguousarray(stacked.transpose(2, 0, 1), dtype=np.uint8))
 
     def _to_rle(self, index: int, ann_id: Any, seg: Any, height: int, width: int) -> dict[str, Any]:
         """One segmentation (polygons, uncompressed or compressed RLE) as a compressed RLE."""
+        from pycocotools import mask as mask_utils
+
         if isinstance(seg, list):
             # Fewer than 3 points has no area (and pycocotools would read 4 numbers as a box).
             polygons = [poly for poly in seg if len(poly) >= 6]

@@ -17,7 +17,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from semssl.data.synthetic import (
     GENERATOR_NAME,
@@ -96,6 +95,8 @@ def _run_task(task: _Task) -> list[dict[str, Any]]:
 
 def _coco_annotation(cls: int, mask: np.ndarray) -> dict[str, Any]:
     """COCO fields of one visible mask: RLE (counts as str), tight bbox [x, y, w, h], pixel area."""
+    import pycocotools.mask as mask_utils  # here, not at the top: the engine imports this module without it
+
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
