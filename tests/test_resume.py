@@ -186,7 +186,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(runs: dict[str, Path],
     monkeypatch.undo()
 
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
-    assert _checkpoint_files(run_dir) == ["last.ckpt"]  # no temporary file left behind
+    # no temporary file left behind; previous.ckpt is the checkpoint before last.ckpt (a hard link until replaced)
+    assert _checkpoint_files(run_dir) == ["last.ckpt", "previous.ckpt"]
     assert safe_load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 12
 
 

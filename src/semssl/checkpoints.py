@@ -6,12 +6,22 @@ without importing the training engine; :class:`semssl.engine.io.AtomicCheckpoint
 A checkpoint holds tensors and plain values only (the config as a plain dict, RNG states as tensors), so it can
 be read without unpickling arbitrary objects. Evaluation also accepts a plain torchvision ResNet ``state_dict`` and
 a plain timm (or DINO) ViT ``state_dict``.
+
+A file that is not a readable checkpoint gets one line naming it and what is wrong (:func:`checkpoint_problem`:
+not a PyTorch file, empty, truncated or corrupt; or Python objects a weights-only load refuses), never torch's
+advice to load it unsafely. Training keeps the checkpoint before ``last.ckpt`` as ``previous.ckpt`` (a hard link
+made before each write, so it costs no space until the new one lands), and ``--resume`` falls back to it, saying
+so in one line, when ``last.ckpt`` cannot be read (:func:`resume_checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,15 +65,93 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+PREVIOUS = "previous.ckpt"
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """What is wrong with ``path`` as a PyTorch checkpoint file, in a few words, or None when it reads as one: a
+    complete zip archive whose entries pass their CRC check (``torch.save``'s format), or a legacy pickle file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "no such file"
+    if path.is_dir():
+        return "a folder, not a checkpoint file"
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            return f"truncated or corrupt ({size} bytes: {err})"
+        return f"corrupt (its entry {bad} fails its CRC check)" if bad else None
+    if head[:1] == b"\x80":  # a pickle of protocol 2 or later: torch.save's format before PyTorch 1.6
+        return None
+    return f"not a PyTorch checkpoint (it starts with {head!r})"
+
+
+def _refusal(err: Exception) -> Optional[str]:
+    """The global a weights-only load refused (``module.Name``), or None when ``err`` is not such a refusal."""
+    text = str(err)
+    if "Weights only load failed" not in text and "weights_only" not in text:
+        return None
+    m = re.search(r"(?:Unsupported global|Unsupported class):?\s*(?:GLOBAL\s+)?([\w.]+)", text)
+    return m.group(1) if m else "an object outside tensors and plain values"
+
+
 def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with a clear error naming the file."""
+    """``torch.load(weights_only=True)`` with a one-line error naming the file and what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint ({err})") from err
+    except Exception as err:  # noqa: BLE001 - re-raised as one line with the file named
+        refused = _refusal(err)
+        if refused is not None:
+            raise CheckpointError(f"{path}: holds Python objects that a weights-only load does not build ({refused}); "
+                                  "semssl reads checkpoints weights-only, so save the weights as a plain state_dict "
+                                  "of tensors") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first})") from None
+
+
+def keep_previous(last: Path) -> None:
+    """Before ``last`` is rewritten: keep its current content as ``previous.ckpt`` beside it (a hard link, so no
+    copy; a copy where the file system has no hard links). The link is made under a temporary name and renamed,
+    so ``previous.ckpt`` is never half there."""
+    if not last.exists():
+        return
+    tmp = last.with_name(f".{PREVIOUS}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(last, tmp)
+    except OSError:
+        shutil.copy2(last, tmp)
+    os.replace(tmp, last.with_name(PREVIOUS))
+
+
+def resume_checkpoint(folder: Path) -> Path:
+    """The checkpoint a run in ``folder`` (its ``checkpoints/``) resumes from: ``last.ckpt``, or ``previous.ckpt``
+    when ``last.ckpt`` cannot be read — said in one line on stderr. :class:`CheckpointError` when neither can."""
+    last, previous = folder / "last.ckpt", folder / PREVIOUS
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    if previous.exists() and checkpoint_problem(previous) is None:
+        print(f"semssl: {last} cannot be read ({problem}); resuming from the checkpoint before it, {previous}",
+              file=sys.stderr)
+        return previous
+    fallback = f"{previous} cannot be read either" if previous.exists() else f"there is no {PREVIOUS} to fall back to"
+    raise CheckpointError(f"{last}: {problem}; {fallback}")
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -5,6 +5,7 @@ Run folder::
     runs/<name>-<time>/
       config.yaml            the full resolved config (``--resume`` reads it back)
       checkpoints/last.ckpt  written atomically at the end of every epoch (weights-only loadable)
+      checkpoints/previous.ckpt  the checkpoint before it (--resume falls back to it if last.ckpt is unreadable)
       logs/tensorboard/      TensorBoard events
       logs/csv/metrics.csv   the same scalars as CSV
       metrics.json           {"trained": {...}, "random_init": {...}, "random_init_bn": {...}, "pixels": {...},
@@ -33,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from semssl.checkpoints import PREVIOUS, keep_previous, resume_checkpoint
 from semssl.config import (
     Config,
     ConfigError,
@@ -227,6 +229,8 @@ class LastCheckpoint(Checkpoint):
         # off so the file holds the full state (optimiser, loops, RNG) that resume needs; reading is always
         # weights-only (AtomicCheckpointIO).
         self._position = position
+        if trainer.is_global_zero:
+            keep_previous(self.path)  # the one before stays as previous.ckpt: --resume falls back to it
         trainer.save_checkpoint(self.path, **{"weights_only": False})
         self._saved_step = trainer.global_step
 
@@ -353,9 +357,10 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     trainer = build_trainer(cfg, run_dir, max_epochs, callbacks, steps_per_epoch=spe)
     ckpt_path = None
     if resume:
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
-        if not ckpt_path.exists():
+        folder_ckpt = run_dir / "checkpoints"
+        if not (folder_ckpt / "last.ckpt").exists() and not (folder_ckpt / PREVIOUS).exists():
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
+        ckpt_path = resume_checkpoint(folder_ckpt)  # last.ckpt, or previous.ckpt where last.ckpt is unreadable
     log.info("run folder: %s (%d images, %s/epoch, %s)", run_dir, len(dataset), _count(spe, "step"),
              _count(max_epochs, "epoch"))
     try:
