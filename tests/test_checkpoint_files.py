@@ -90,4 +90,3 @@ def test_resume_falls_back_to_the_previous_checkpoint(tiny_synth: Path, tmp_path
     last.write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot be read either"):
         resume_checkpoint(folder)
-
