@@ -81,6 +81,7 @@ def eval_cfg(cfg):
 
 # ----------------------------------------------------------------------------------------- lists and configs
 def test_recipes_lists_the_packaged_recipes_one_per_line(capsys, monkeypatch, tmp_path: Path) -> None:
+    import semssl.cli
     import semssl.config
 
     assert main(["recipes"]) == 0
@@ -92,7 +93,7 @@ def test_recipes_lists_the_packaged_recipes_one_per_line(capsys, monkeypatch, tm
     # it reads the package's folder: another folder gives its own YAML files, sorted, and nothing else
     for name in ("zeta.yaml", "alpha.yaml", "notes.txt"):
         (tmp_path / name).write_text("name: x\n")
-    monkeypatch.setattr(semssl.config, "PACKAGE_CONFIGS", tmp_path)
+    monkeypatch.setattr(semssl.cli, "RECIPE_FOLDER", tmp_path)  # the config's PACKAGE_CONFIGS (test_cli_quick.py)
     assert main(["recipes"]) == 0
     assert capsys.readouterr().out.splitlines() == ["alpha", "zeta"]
 

@@ -2,6 +2,12 @@
 transfer | export`` (the transfer commands' options live in :mod:`semssl.cli_transfer`).
 
 Every sub-command prints a short human-readable result and, where it measures something, writes JSON.
+
+Decision: building the parser imports no torch, torchvision, lightning, matplotlib, timm, cv2, pycocotools or PIL
+(``semssl --help``, ``semssl methods`` and ``semssl recipes`` answer at once): the options of the heavy commands
+live in light modules (:mod:`semssl.eval.options`, :mod:`semssl.viz.options`, :mod:`semssl.cli_transfer`), their
+descriptions are their modules' docstrings read from the source (:func:`semssl.cli_transfer.module_doc`), and
+each command imports its protocol when it runs (tests/test_cli_quick.py).
 """
 
 from __future__ import annotations
@@ -9,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
+
+from semssl.cli_transfer import module_doc
 
 EPILOG_PRETRAIN = """\
 examples:
@@ -31,11 +40,14 @@ checkpoints), eval (kNN / linear probe after training)
 
 
 def _setup_logging(verbose: bool) -> None:
+    """The terminal: warnings, and semssl's INFO lines (one per phase of a command); ``-v`` adds semssl's details
+    (DEBUG: the fast linear probe's lr search, ...) and the other libraries' INFO lines. semssl's loggers pass
+    every record on, so a run's ``logs/semssl.log`` has the details too (:func:`semssl.engine.run.open_run_log`)."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
-    logging.getLogger("semssl").setLevel(logging.INFO)
+    terminal = RichHandler(show_path=False, rich_tracebacks=False, level=logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[terminal])
+    logging.getLogger("semssl").setLevel(logging.DEBUG)
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -164,6 +176,20 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_dense(args: argparse.Namespace) -> int:
+    """``semssl eval dense``: the work is :func:`semssl.eval.dense.run`."""
+    from semssl.eval.dense import run
+
+    return run(args)
+
+
+def cmd_eval_objects(args: argparse.Namespace) -> int:
+    """``semssl eval objects``: the work is :func:`semssl.eval.objects.run`."""
+    from semssl.eval.objects import run
+
+    return run(args)
+
+
 def cmd_eval_bias(args: argparse.Namespace) -> int:
     """``semssl eval bias``: measure (semssl.eval.bias), then draw ``--plot`` / ``--examples`` (semssl.viz.bias)."""
     from semssl.eval.bias import measure
@@ -177,6 +203,14 @@ def cmd_eval_bias(args: argparse.Namespace) -> int:
         if args.examples:
             print(f"wrote {plot_canvases(res['prepared'], args.examples)}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ viz
+def cmd_viz(args: argparse.Namespace) -> int:
+    """``semssl viz NAME``: the work is ``semssl.viz.NAME.run`` (imported now: figures load torch, matplotlib)."""
+    import importlib
+
+    return importlib.import_module(f"semssl.viz.{args.viz_command}").run(args)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -284,17 +318,39 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ lists
-def cmd_methods(args: argparse.Namespace) -> int:
-    from semssl.methods import available_methods
+_REGISTERED = re.compile(r"""^@register\(\s*["']([^"']+)["']\s*\)""", re.MULTILINE)
 
-    print("\n".join(available_methods()))
+
+def method_names() -> list[str]:
+    """What ``semssl methods`` lists: the names the method files register (``@register("name")``), read from their
+    source, since importing the registry (:func:`semssl.methods.available_methods`) loads torch; the registry itself
+    where there is no source. tests/test_cli_quick.py checks that the two agree."""
+    files = sorted((Path(__file__).parent / "methods").glob("*.py"))
+    if not files:
+        from semssl.methods import available_methods
+
+        return available_methods()
+    return sorted({name for path in files if not path.name.startswith("_")
+                   for name in _REGISTERED.findall(path.read_text(encoding="utf-8"))})
+
+
+#: the packaged recipes' folder, :data:`semssl.config.PACKAGE_CONFIGS` (the config imports the method registry,
+#: hence torch; tests/test_cli_quick.py keeps the two equal)
+RECIPE_FOLDER = Path(__file__).parent / "configs"
+
+
+def recipe_names() -> list[str]:
+    """What ``semssl recipes`` lists: the packaged recipes, as :func:`semssl.config.list_recipes` lists them."""
+    return sorted(p.stem for p in RECIPE_FOLDER.glob("*.yaml"))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print("\n".join(method_names()))
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from semssl.config import list_recipes
-
-    print("\n".join(list_recipes()))
+    print("\n".join(recipe_names()))
     return 0
 
 
@@ -378,29 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--weight-decay", type=float, default=0.0,
                     help="standard protocol: weight decay of the linear head (default 0)")
     pl.set_defaults(func=cmd_eval_linear)
-    from semssl.eval import dense as eval_dense
+    from semssl.eval import options as eval_options
 
-    pdn = esub.add_parser("dense", help=eval_dense.HELP, description=eval_dense.__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_dense.add_arguments(pdn)
-    pdn.set_defaults(func=eval_dense.run)
-    from semssl.eval import bias as eval_bias
-    from semssl.eval import objects as eval_objects
+    protocols = {"dense": (eval_options.HELP_DENSE, eval_options.add_dense_arguments, cmd_eval_dense),
+                 "objects": (eval_options.HELP_OBJECTS, eval_options.add_objects_arguments, cmd_eval_objects),
+                 "bias": (eval_options.HELP_BIAS, eval_options.add_bias_arguments, cmd_eval_bias)}
+    for name, (help_text, add_arguments, func) in protocols.items():  # described by semssl.eval.<name>'s docstring
+        peval = esub.add_parser(name, help=help_text, description=module_doc(f"semssl.eval.{name}"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(peval)
+        peval.set_defaults(func=func)
 
-    for name, module in (("objects", eval_objects), ("bias", eval_bias)):
-        pscene = esub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(pscene)
-        pscene.set_defaults(func=module.run if name == "objects" else cmd_eval_bias)
-
-    from semssl.viz import figure_modules
+    from semssl.viz.options import FIGURES
 
     pv = sub.add_parser("viz", help="draw a figure from a checkpoint (see `semssl viz --help`)")
     vsub = pv.add_subparsers(dest="viz_command", metavar="FIGURE", required=True)
-    for name, module in figure_modules().items():
-        pfig = vsub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(pfig)
-        pfig.set_defaults(func=module.run)
+    for name, (help_text, add_arguments) in FIGURES.items():
+        pfig = vsub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(pfig)
+        pfig.set_defaults(func=cmd_viz)
 
     pd = sub.add_parser("data", help="built-in data, the recipes' datasets (get) and data checks")
     dsub = pd.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -478,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prd = sub.add_parser("reproduce", help="one ablation table of a paper at small scale: every row, every seed, "
                                            "then the table beside the paper's",
-                         description=(__import__("semssl.reproduce", fromlist=["_"]).__doc__ or "").split("\n\n")[0]
+                         description=(module_doc("semssl.reproduce") or "").split("\n\n")[0]
                          + " Runs what is missing (resumes), shows progress and an ETA, prints each column's rows "
                            "beside the paper's numbers with the sign of every difference (docs/reproduction.md).",
                          epilog=EPILOG_REPRODUCE.format(tables=", ".join(f"{p} {t}" for p, t in TABLES)),

@@ -1,12 +1,51 @@
 """The command line of the transfer protocols: ``semssl finetune``, ``semssl transfer segment|detect`` and
 ``semssl export``. Argument parsing only: each command turns its options into the typed call of its function in
 :mod:`semssl.transfer` (no argparse ``Namespace`` below this module). Registered by :mod:`semssl.cli`.
+
+Building the parser imports no protocol module (they import torch): the choices it offers are kept here
+(``HEADS``, ``LAYOUTS``, ``FORMATS``, ...; tests/test_cli_quick.py checks them against the protocols' own) and
+each command's description is its module's docstring read from the source (:func:`module_doc`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import tokenize
+from pathlib import Path
 from typing import Any
+
+#: the choices of the options, as :mod:`semssl.transfer.segment`, :mod:`~semssl.transfer.detect` and
+#: :mod:`~semssl.transfer.export` define them (``SEGMENT_NORMS`` is segment's ``NORMS``, ``DETECT_NORMS``
+#: detect's; ``OUTPUT_STRIDES`` is :data:`semssl.models.backbones.OUTPUT_STRIDES`)
+HEADS = ("fcn", "deeplabv3")
+SEGMENT_NORMS = ("bn", "syncbn", "frozen")
+OUTPUT_STRIDES = (8, 16, 32)
+SCHEDULES = ("poly", "cosine")
+LAYOUTS = ("c4", "fpn")
+TASKS = ("box", "mask")
+DETECT_NORMS = ("frozen", "syncbn", "bn")
+FORMATS = ("torchvision", "timm", "detectron2", "onnx")
+
+
+def module_doc(name: str) -> str | None:
+    """The docstring of the package module ``name`` (``semssl.transfer.detect``), read from its source file without
+    importing it or its package, so that a ``--help`` description costs no torch import; the module's
+    ``__doc__`` when there is no source file."""
+    parts = name.split(".")
+    path = Path(__file__).parent.joinpath(*parts[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    if not path.is_file():
+        return importlib.import_module(name).__doc__
+    with tokenize.open(path) as source:
+        for token in tokenize.generate_tokens(source.readline):
+            if token.type == tokenize.STRING:
+                return ast.literal_eval(token.string)
+            if token.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE):
+                return None
+    return None
+
 
 EPILOG_FINETUNE = """\
 examples:
@@ -78,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _add_finetune(sub: Any, positive: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune the whole backbone + a linear head on labelled images "
                                         "(semi-supervised 1 %%/10 %%, transfer)",
-                       description=__import__("semssl.transfer.finetune", fromlist=["_"]).__doc__,
+                       description=module_doc("semssl.transfer.finetune"),
                        epilog=EPILOG_FINETUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p)
     p.add_argument("--train", required=True, help="labelled image folder (ImageNet layout) to fine-tune on")
@@ -127,10 +166,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: Any, positive: Any) -> None:
-    from semssl.transfer.segment import HEADS, NORMS, OUTPUT_STRIDES, SCHEDULES
-
     p = sub.add_parser("segment", help="fine-tune an FCN / DeepLab-v3 on the backbone; mIoU, pixel accuracy",
-                       description=__import__("semssl.transfer.segment", fromlist=["_"]).__doc__,
+                       description=module_doc("semssl.transfer.segment"),
                        epilog=EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p)
     p.add_argument("--train", required=True,
@@ -151,7 +188,7 @@ def _add_segment(sub: Any, positive: Any) -> None:
     p.add_argument("--weight-decay", type=positive(float, 0.0), help="SGD weight decay")
     p.add_argument("--schedule", choices=SCHEDULES, help="poly (MMSeg) or cosine")
     p.add_argument("--aux-weight", type=positive(float, 0.0), help="weight of the layer3 auxiliary head (0: none)")
-    p.add_argument("--norm", choices=NORMS, help="bn, syncbn (several GPUs) or frozen backbone BatchNorm")
+    p.add_argument("--norm", choices=SEGMENT_NORMS, help="bn, syncbn (several GPUs) or frozen backbone BatchNorm")
     add_run_options(p)
     p.set_defaults(func=cmd_segment)
 
@@ -195,10 +232,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _add_detect(sub: Any, positive: Any) -> None:
-    from semssl.transfer.detect import LAYOUTS, NORMS, TASKS
-
     p = sub.add_parser("detect", help="fine-tune Faster / Mask R-CNN (C4 or FPN) on the backbone; COCO box/mask AP",
-                       description=__import__("semssl.transfer.detect", fromlist=["_"]).__doc__,
+                       description=module_doc("semssl.transfer.detect"),
                        epilog=EPILOG_DETECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p)
     p.add_argument("--train", required=True, help="COCO-format JSON of the training images, or synthetic:scenes")
@@ -209,7 +244,7 @@ def _add_detect(sub: Any, positive: Any) -> None:
                                     "coco_1x_fpn, msrc-v2_small, coco128_small")
     p.add_argument("--layout", choices=LAYOUTS, help="c4 (RoIAlign on C4, res5 box head) or fpn")
     p.add_argument("--task", choices=TASKS, help="box (Faster R-CNN) or mask (Mask R-CNN)")
-    p.add_argument("--norm", choices=NORMS, help="frozen BatchNorm, syncbn (several GPUs) or bn")
+    p.add_argument("--norm", choices=DETECT_NORMS, help="frozen BatchNorm, syncbn (several GPUs) or bn")
     p.add_argument("--iterations", type=positive(int), help="training iterations")
     p.add_argument("--batch-size", type=positive(int), help="images per iteration")
     p.add_argument("--lr", type=positive(float, 0.0), help="SGD learning rate")
@@ -247,10 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: Any, positive: Any) -> None:
-    from semssl.transfer.export import FORMATS
-
     p = sub.add_parser("export", help="write a checkpoint's backbone as torchvision / timm / detectron2 / ONNX",
-                       description=__import__("semssl.transfer.export", fromlist=["_"]).__doc__,
+                       description=module_doc("semssl.transfer.export"),
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p)
     p.add_argument("--format", action="append",

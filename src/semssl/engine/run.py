@@ -8,6 +8,8 @@ Run folder::
       checkpoints/previous.ckpt  the checkpoint before it (--resume falls back to it if last.ckpt is unreadable)
       logs/tensorboard/      TensorBoard events
       logs/csv/metrics.csv   the same scalars as CSV
+      logs/semssl.log        everything semssl logs while the run trains and evaluates, details included (the
+                             fast linear probe's lr search), appended on resume
       metrics.json           {"trained": {...}, "random_init": {...}, "random_init_bn": {...}, "pixels": {...},
                               "run": {...}}, accuracies in percent; "run" holds the length, wall time, machine
                               and package versions (run_environment)
@@ -15,6 +17,10 @@ Run folder::
       run.lock               pid and host of the process training here, while it runs (engine/resume.py)
 
 ``semssl report RUN`` turns the folder into one HTML page (semssl.viz.report).
+
+Decision: the terminal shows the progress bar, one line per phase and the final table; details are logged at
+DEBUG level, which ``logs/semssl.log`` records and the command line shows only with ``-v``; the library warnings
+a run cannot act on are filtered one by one, by message and module (:func:`quiet_library_warnings`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,6 +80,16 @@ from semssl.eval.evaluate import (
 log = logging.getLogger("semssl")
 
 RUN_DIR_ENV = "SEMSSL_RUN_DIR"  # shared with the processes Lightning launches for DDP
+RUN_LOG = Path("logs") / "semssl.log"  # in the run folder
+RUN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def quiet_library_warnings() -> None:
+    """Ignore the library warnings a run cannot act on, each by its message, category and the module it is raised
+    from (never a whole category): Lightning 2.6 builds torch's deprecated ``LeafSpec`` in
+    ``lightning/pytorch/utilities/_pytree.py`` on every training step (torch >= 2.10 warns about it)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -115,6 +132,7 @@ class RunFolder(pl.Callback):
     def __init__(self, cfg: Config, path: Path) -> None:
         self.cfg, self.path = cfg, Path(path)
         self.lock: Optional[RunLock] = None
+        self.log_file: Optional[logging.Handler] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.path = Path(trainer.strategy.broadcast(str(self.path), src=0))
@@ -131,11 +149,28 @@ class RunFolder(pl.Callback):
             raise RunLockedError(refused)
         if trainer.is_global_zero:
             dump_config(self.cfg, self.path / "config.yaml")
+            self.log_file = open_run_log(self.path)
 
     def release(self) -> None:
+        if self.log_file is not None:
+            logging.getLogger("semssl").removeHandler(self.log_file)
+            self.log_file.close()
+            self.log_file = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def open_run_log(run_dir: Path) -> logging.Handler:
+    """Append every record the ``semssl`` loggers let through (all of them, DEBUG included, under the command line)
+    to ``run_dir/logs/semssl.log``; returns the handler, which :meth:`RunFolder.release` removes."""
+    path = run_dir / RUN_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
+    logging.getLogger("semssl").addHandler(handler)
+    return handler
 
 
 class LastCheckpoint(Checkpoint):
@@ -321,6 +356,7 @@ def pretrain(cfg: Config, resume: Optional[Path] = None, console: Any = None) ->
 
 
 def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
+    quiet_library_warnings()
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     start = time.time()
@@ -375,6 +411,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             device = module.device
             # under DDP each rank's BatchNorm statistics hold its own last batch: evaluate rank 0's, the checkpoint's
             broadcast_buffers(module.method)
+            log.info("evaluating the trained network%s: kNN, fast linear probe",
+                     " and its random-init baselines" if random_model is not None else "")
             metrics["trained"] = evaluate(module.method, cfg, paths["eval_train"], paths["eval_test"], device=device)
             if random_model is not None:
                 baselines = baseline_models(random_model, cfg, paths["eval_train"], device=device)

@@ -322,26 +322,7 @@ def evaluate_bias(model: nn.Module, source: CocoSource | None = None, cfg: BiasC
 
 
 # ------------------------------------------------------------------------------------------------ command line
-HELP = "coupling rate and positional bias (3x3 mean cosine) per stage, from annotated objects (D3SSL Figs. 3-4)"
-
-
-def add_arguments(parser: Any) -> None:
-    from semssl.eval.objects import add_model_arguments
-
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="COCO JSON (or a folder holding annotations.json)")
-    parser.add_argument("--images", help="images folder of --data (found next to the JSON if omitted)")
-    parser.add_argument("--size", type=int, default=224,
-                        help="evaluated resolution: canvas of 3 x (size // 3) pixels, objects of size // 3")
-    parser.add_argument("--pairs", type=int, default=100, help="object pairs for the coupling rate (>= 100)")
-    parser.add_argument("--objects", type=int, default=100, help="objects for the positional bias (>= 100)")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), help="stage feature kinds to measure")
-    parser.add_argument("--min-side", type=float, default=16.0,
-                        help="objects whose box has both sides >= this many source pixels are used")
-    parser.add_argument("--plot", help="also draw the per-stage curves (PNG), as `semssl viz bias` does")
-    parser.add_argument("--examples", help="also draw the first canvases (PNG): the pairs and tilings measured")
-
-
+# (its options: semssl.eval.options.add_bias_arguments)
 def measure(args: Any) -> dict[str, Any]:
     """``semssl eval bias`` without its figures: measure, print the table, write ``--out``; returns the payload,
     the prepared crops, the curve label and the title, which the command line hands to

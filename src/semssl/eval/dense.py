@@ -87,7 +87,6 @@ from semssl.errors import ConfigError, DataError
 
 log = logging.getLogger("semssl.eval")
 
-HELP = "dense (segmentation) probe: linear 1x1-conv head on frozen stage maps -> mIoU, pixel accuracy"
 MASK_EXTENSION = ".png"
 
 
@@ -643,48 +642,8 @@ def dense_baselines(model: Any, cfg: Any, train: Dataset, test: Dataset, config:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line: semssl eval dense
+# Command line: semssl eval dense (its options: semssl.eval.options.add_dense_arguments)
 # --------------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="run folder, semssl .ckpt, or plain torchvision ResNet state_dict (.pth)")
-    p.add_argument("--random-init", action="store_true",
-                   help="probe the random-init baselines of --arch instead (random_init, random_init_bn, pixels)")
-    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"],
-                   help="architecture of a plain state_dict / random init (inferred from the keys if omitted)")
-    p.add_argument("--small-input", action="store_true", help="random init only: the small-input stem")
-    p.add_argument("--width", type=int, default=64, help="random init only: ResNet base width (64 = torchvision's)")
-    p.add_argument("--branch", choices=["online", "teacher"], help="which network of a semssl checkpoint")
-    p.add_argument("--train", required=True,
-                   help="training split: synthetic:scenes, a COCO JSON with segmentations, IMAGES_DIR:MASKS_DIR or "
-                        "IMAGES_DIR:MASKS_DIR:LIST_FILE")
-    p.add_argument("--test", required=True, help="evaluated split (same forms as --train)")
-    p.add_argument("--stage", default="layer4",
-                   help="feature map probed: layer1..layer4, or a method's map kind (DenseCL/DSC: dense); several "
-                        "joined by '+' (layer3+layer4) are upsampled to the finest and concatenated")
-    p.add_argument("--output-stride", type=int, default=0, choices=(0, 8, 16, 32),
-                   help="dilate the backbone for the probe: 16 dilates layer4, 8 layer3 and layer4 (denser maps of "
-                        "the same weights); default 0: as trained")
-    p.add_argument("--size", type=int, default=128, help="images and masks resized to SIZE x SIZE (default 128)")
-    p.add_argument("--epochs", type=int, default=50, help="passes of the head over the training split (50)")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the head (0.01, cosine to 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay of the head (default 0)")
-    p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and scores "
-                                                                 "(coco128 semantic masks: 0 = unlabeled)")
-    p.add_argument("--class-map", help="merge mask values before probing: a JSON {raw: merged} or a COCO JSON whose "
-                                      "categories' supercategory is the merged class (e.g. coco128's panoptic "
-                                      "JSON: 133 classes -> 27 supercategories)")
-    p.add_argument("--pixels-per-image", type=int, default=1024,
-                   help="random pixels per image in each step of the head's loss (default 1024; 0: all)")
-    p.add_argument("--head-batch-size", type=int, default=0, help="images per head step (0: automatic)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default 2)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the head's training (and of --random-init; a run's baselines use its own seed)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also probe random_init, random_init_bn and pixels (written next to 'trained')")
-    p.add_argument("--out", help="write the result as JSON here")
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, dict, Any]:
     """The checkpoint's model (eval mode), its info and its run config (None for a plain state_dict)."""
     from semssl.checkpoints import load_model

@@ -230,8 +230,8 @@ def _search_lr(x: Tensor, y: Tensor, num_classes: int, config: FastLinearConfig)
     scores = _fit_and_score(x[fit_idx], y[fit_idx], x[held_idx], y[held_idx], num_classes, config.lrs, config)
     top1 = {f"{lr:g}": s["top1"] for lr, s in zip(config.lrs, scores)}
     loss = {f"{lr:g}": s["loss"] for lr, s in zip(config.lrs, scores)}
-    for lr, s in zip(config.lrs, scores):
-        log.info("fast linear probe: lr %g -> held-out top-1 %.2f %%, loss %.4f", lr, s["top1"], s["loss"])
+    for lr, s in zip(config.lrs, scores):  # details: DEBUG, for a run's logs/semssl.log and `semssl -v`
+        log.debug("fast linear probe: lr %g -> held-out top-1 %.2f %%, loss %.4f", lr, s["top1"], s["loss"])
     best = max(config.lrs, key=lambda lr: (top1[f"{lr:g}"], -loss[f"{lr:g}"]))
     return best, top1, loss
 

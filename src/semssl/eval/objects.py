@@ -50,6 +50,7 @@ from semssl.data.sources.coco import CocoSource
 from semssl.errors import ConfigError, DataError
 from semssl.eval.features import EvalInputError
 from semssl.eval.knn import knn_evaluate
+from semssl.eval.options import RESIZE_MODES, ROI_MODES
 
 __all__ = [
     "ObjectPixels",
@@ -73,9 +74,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("semssl.eval")
-
-RESIZE_MODES = ("pad", "stretch")
-ROI_MODES = ("c5", "c4")
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -511,50 +509,7 @@ def object_baselines(random_model: nn.Module, train: CocoSource, cfg: ObjectsCon
 
 
 # ------------------------------------------------------------------------------------------------ command line
-HELP = "object-level kNN (O-KNN) and disturbed O-KNN on COCO-style ground-truth boxes (D3SSL)"
-
-
-def add_model_arguments(parser: Any) -> None:
-    """The model options ``semssl eval objects`` and ``semssl eval bias`` share."""
-    from semssl.eval.report import add_model_options
-
-    add_model_options(parser, "evaluate the random-init baselines instead (the random backbone as it is, and "
-                              "with BatchNorm statistics re-estimated on the data)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random init's seed, and the seed of every random choice of the protocol")
-    parser.add_argument("--out", help="write the result as JSON here")
-
-
-def add_arguments(parser: Any) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--train", required=True,
-                        help="COCO JSON (or a folder holding annotations.json) whose objects are the memory")
-    parser.add_argument("--test", required=True, help="COCO JSON (or folder) whose objects are the queries")
-    parser.add_argument("--train-images", help="images folder of --train (found next to the JSON if omitted)")
-    parser.add_argument("--test-images", help="images folder of --test (found next to the JSON if omitted)")
-    parser.add_argument("--size", type=int, default=224, help="evaluated resolution (square canvas; default 224)")
-    parser.add_argument("--resize", choices=RESIZE_MODES, default="pad",
-                        help="pad: keep the aspect ratio, longer side = size, pad with the mean colour "
-                             "(default); stretch: resize to size x size")
-    parser.add_argument("--min-side", type=float, default=16.0,
-                        help="objects whose box has both sides >= this many pixels at the evaluated size are used")
-    parser.add_argument("--disturbed", action="store_true",
-                        help="also disturbed O-KNN: pixels outside the selected boxes replaced by another image")
-    parser.add_argument("--disturb", choices=["both", "test"], default="both",
-                        help="disturbed O-KNN: disturb memory and queries (default) or the queries only")
-    parser.add_argument("--roi", choices=ROI_MODES, default="c5",
-                        help="object feature: c5 = RoIAlign 7x7 on layer4, average-pooled (docs/design.md §O-KNN, "
-                             "default); c4 = "
-                             "RoIAlign 14x14 on layer3, then layer4, average-pooled (SoCo's pre-training path; the "
-                             "pixel baseline is the same either way)")
-    parser.add_argument("--by-supercategory", action="store_true",
-                        help="also O-KNN of the queries of each supercategory (MSRC-v2: thing, stuff)")
-    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
-
-
+# (its options: semssl.eval.options.add_objects_arguments)
 def run(args: Any) -> int:
     from semssl.eval.report import models_for_eval, payload_of, print_table
 

@@ -1,10 +1,8 @@
-"""Figures: ``semssl viz NAME``. Every module of this package (but those starting with ``_``) is one figure,
-found here the first time the command line asks, so a new figure is one new file, listed nowhere else.
+"""Figures: ``semssl viz NAME``. Every module of this package (but those starting with ``_``) that defines ``run``
+is one figure, found here the first time it is asked for.
 
 A figure module defines
 
-* ``HELP`` — one line for ``semssl viz --help``;
-* ``add_arguments(parser)`` — its options (argparse);
 * ``run(args) -> int`` — draw the figure (matplotlib, Agg backend), write it where ``args.out`` says, print the
   path, return the exit code;
 
@@ -12,6 +10,11 @@ and, if the figure can be drawn during training (``trainer.figures`` in a recipe
 forming), ``during_training(method, cfg, paths, out, **options) -> None``: draw it for the live ``method`` (a
 :class:`~semssl.methods.Method`, in eval mode for the call) into the PNG file ``out``; ``paths`` are the run's
 resolved data paths (``train``, ``eval_train``, ``eval_test``) and ``options`` the entry's other keys.
+
+Its command-line entry (the line of ``semssl viz --help`` and ``add_<name>_arguments(parser)``, its options)
+sits in :mod:`semssl.viz.options`, a light module, so that building the parser imports no figure module (torch,
+matplotlib); a test checks that the entries and the figure modules agree. So a new figure is one new file and its
+entry there.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def figure_modules() -> dict[str, ModuleType]:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             module = importlib.import_module(f"{__name__}.{info.name}")
-            if hasattr(module, "run") and hasattr(module, "add_arguments"):
+            if hasattr(module, "run"):
                 out[info.name] = module
     return dict(sorted(out.items()))
 

@@ -46,24 +46,7 @@ from semssl.losses.scfs import search_attention
 from semssl.models.backbones import STAGES
 from semssl.viz import save_figure
 
-HELP = "attention maps of 2x2 jigsaw local crops over the global image's stage map (SCFS Fig. 3)"
-
 LOCAL_RATIO = 96 / 224
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint (or a torchvision state_dict)")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--stage", help="stage map to search: layer1..layer4 of a ResNet (default layer4), block<i> "
-                                        "of a ViT (default its last block)")
-    parser.add_argument("--size", type=int, default=224, help="global image side in pixels (default 224)")
-    parser.add_argument("--local-size", type=int,
-                        help="local crop side (default: the recipe's local/global view ratio x --size, else 96/224)")
-    parser.add_argument("--branch", help="network branch (default: the method's evaluated branch)")
-    parser.add_argument("--threshold", type=float, default=0.6,
-                        help="ViT only: the self-attention masks keep this share of the attention mass (default 0.6, "
-                             "DINO's figures)")
-    parser.add_argument("--out", help="PNG to write (default: <image stem>_attention_<stage>.png here)")
 
 
 def load_image(image: str | Path | PIL.Image.Image, size: int) -> Tensor:

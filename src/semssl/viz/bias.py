@@ -16,20 +16,9 @@ from typing import Any
 
 from semssl.viz import save_figure
 
-HELP = ("coupling rate and positional bias (3x3 mean cosine) per stage from `semssl eval bias` JSON files, one "
-        "line per checkpoint (D3SSL Figs. 3-4)")
-
 #: (JSON key, panel title, y label, ideal value)
 PANELS = (("coupling_rate", "Coupling (D3SSL Fig. 3)", "coupling rate  cos(A1,B) / cos(A2,B)", 1.0),
           ("positional_mcs", "Positional bias (D3SSL Fig. 4)", "mean cosine, centre vs 8 others (3x3)", 1.0))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inputs", nargs="+", required=True, metavar="JSON",
-                        help="outputs of `semssl eval bias --out` (one or several checkpoints)")
-    parser.add_argument("--labels", nargs="+", help="one legend label per input (default: the file names)")
-    parser.add_argument("--title", help="figure title")
-    parser.add_argument("--out", default="bias.png", help="PNG to write (default bias.png)")
 
 
 def curves_from_payload(payload: Mapping[str, Any], label: str) -> dict[str, dict[str, Any]]:

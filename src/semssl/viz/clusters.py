@@ -33,21 +33,6 @@ from semssl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from semssl.viz import save_figure
 from semssl.viz.images import gather, square_tensor
 
-HELP = "cluster maps: each pixel coloured by its k-means / prototype assignment (DSC Fig. 6 in spirit)"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder, semssl .ckpt, or torchvision state_dict")
-    parser.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
-                        help="image files and/or folders (recursive), a COCO JSON, or synthetic:scenes")
-    parser.add_argument("--n", type=int, default=6, help="number of images (default 6)")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    parser.add_argument("--k", type=int, default=8, help="clusters of the on-the-fly k-means (default 8)")
-    parser.add_argument("--stage", help="map clustered on the fly (default: dense if the model has it, else layer4)")
-    parser.add_argument("--branch", help="online or teacher (default: the method's evaluated branch)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the on-the-fly k-means (default 0)")
-    parser.add_argument("--out", default="clusters.png", help="PNG file to write (default clusters.png)")
-
 
 # -- images ------------------------------------------------------------------------------------------------
 def load_images(items: Sequence[str], n: int, size: int, cfg: Any = None) -> Tensor:

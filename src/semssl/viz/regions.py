@@ -29,19 +29,7 @@ from semssl.errors import ConfigError, DataError
 from semssl.viz import save_figure
 from semssl.viz.images import image_files
 
-HELP = "D3SSL's region augmentations (proposals, PRC, PRM, RBJ, composite) on images"
-
 COLUMNS = ("proposals", "PRC", "PRM", "RBJ", "composite")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
-                        help="image files and/or folders (searched recursively)")
-    parser.add_argument("--n", type=int, default=3, help="number of images, >= 2 (default 3)")
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    parser.add_argument("--boxes", type=int, default=4, help="proposals per image augmented (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random augmentations (default 0)")
-    parser.add_argument("--out", default="regions.png", help="PNG file to write (default regions.png)")
 
 
 def load_with_proposals(path: Path, size: int, max_boxes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,20 +26,6 @@ from semssl.errors import ConfigError
 from semssl.viz import save_figure
 from semssl.viz.images import gather
 
-HELP = "SCD saliency maps overlaid on images (paper Figs. 4-6)"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="an SCD run folder or checkpoint file")
-    parser.add_argument("--images", nargs="+", required=True, metavar="DIR_OR_FILE",
-                        help="image files and/or folders (recursive; a folder with an images/ sub-folder is "
-                             "read through it), a COCO JSON, or synthetic:scenes")
-    parser.add_argument("--size", type=int, help="image side in pixels (default: the run's data.eval_size)")
-    parser.add_argument("--n", type=int, default=8, help="number of images (default 8)")
-    parser.add_argument("--branch", help="online or teacher (default: the method's evaluated branch)")
-    parser.add_argument("--columns", type=int, default=8, help="images per row of the grid (default 8)")
-    parser.add_argument("--out", default="saliency.png", help="PNG file to write (default saliency.png)")
-
 
 def load_images(pictures: Sequence[Any], size: int) -> Tensor:
     """``[n, 3, size, size]`` normalised images (resize shorter side, centre crop) from PIL images."""
