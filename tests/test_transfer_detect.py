@@ -15,7 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from semssl.checkpoints import safe_load
 from semssl.data.sources import CocoSource
-from semssl.errors import DataError
+from semssl.errors import ConfigError, DataError
 from semssl.models.backbones import ResNetBackbone
 from semssl.transfer.common import BackboneSource, load_backbone
 from semssl.transfer.detect import (
@@ -91,9 +91,39 @@ def test_fpn_uses_the_backbones_stages():
     model = build_detector(backbone, 3, layout="fpn", task="box")
     assert model.backbone.body.layer4 is backbone.layer4
     assert [b[0].in_channels for b in model.backbone.fpn.inner_blocks] == [16, 32, 64, 128]
+    # the FPN's width follows the backbone's: 256 x 16 / 64 (fpn_width), and 256 at the standard width
+    assert model.backbone.out_channels == 64 == model.rpn.head.conv[0][0].in_channels
+    assert build_detector(ResNetBackbone("resnet18"), 3, layout="fpn").backbone.out_channels == 256
+    assert build_detector(ResNetBackbone("resnet18", width=16), 3, fpn_channels=32).backbone.out_channels == 32
     # frozen BN: stem and layer1 frozen (FREEZE_AT 2), layer2..4 trained
     assert not any(p.requires_grad for p in backbone.layer1.parameters())
     assert not backbone.conv1.weight.requires_grad and backbone.layer2[0].conv1.weight.requires_grad
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_small_input_stem_is_detected_at_a_quarter_scale(layout):
+    """The 3x3/1 stem's maps are 4x denser per side: the detector resizes to a quarter of the recipe's sizes and
+    scales the anchors with them, so its maps and anchors-per-object are the standard stem's (stem_input_scale)."""
+    shapes: dict[str, list] = {}
+    for name, small in (("standard", False), ("small", True)):
+        backbone = ResNetBackbone("resnet18", width=16, small_input=small)
+        model = build_detector(backbone, 3, layout=layout, task="box", min_size=128, max_size=192).eval()
+        model.rpn.head.register_forward_hook(lambda m, i, o, n=name: shapes.update({n: [list(x.shape) for x in i[0]]}))
+        with torch.no_grad():
+            out = model([torch.rand(3, 96, 128)])
+        assert out[0]["boxes"].shape[-1] == 4
+        anchors = model.rpn.anchor_generator.sizes
+        shapes[name + "_image"] = [model.transform.min_size, model.transform.max_size]
+        shapes[name + "_anchors"] = anchors
+    assert shapes["small"] == shapes["standard"]  # the same RPN maps
+    assert shapes["standard_image"] == [(128,), 192] and shapes["small_image"] == [(32,), 48]
+    first = shapes["standard_anchors"][0][0], shapes["small_anchors"][0][0]
+    assert first == (32, 8)
+    explicit = build_detector(ResNetBackbone("resnet18", width=16, small_input=True), 3, layout=layout,
+                              min_size=128, max_size=192, input_scale=1.0)
+    assert explicit.transform.min_size == (128,) and explicit.rpn.anchor_generator.sizes[0][0] == 32
+    with pytest.raises(ConfigError, match="input_scale"):
+        build_detector(ResNetBackbone("resnet18", width=16), 3, layout=layout, input_scale=-1.0)
 
 
 def _gt_outputs(source: CocoSource) -> list[dict[str, torch.Tensor]]:

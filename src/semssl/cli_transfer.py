@@ -227,7 +227,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
            weight_decay=args.weight_decay, warmup=args.warmup, milestones=args.milestones, min_size=min_size,
            max_size=args.max_size, trainable_stages=args.trainable_stages, extra_norm=args.extra_norm,
            train_images=args.train_images, test_images=args.test_images, roi_batch_size=args.roi_batch_size,
-           test_proposals=args.test_proposals, **_run_kwargs(args))
+           test_proposals=args.test_proposals, input_scale=args.input_scale,
+           fpn_channels=args.fpn_channels, **_run_kwargs(args))
     return 0
 
 
@@ -259,6 +260,10 @@ def _add_detect(sub: Any, positive: Any) -> None:
                    help="C4: a BatchNorm after res5 (MoCo's Res5ROIHeadsExtraNorm)")
     p.add_argument("--roi-batch-size", type=positive(int), help="RoIs sampled per image for the box head")
     p.add_argument("--test-proposals", type=positive(int), help="RPN proposals kept per test image")
+    p.add_argument("--input-scale", type=positive(float),
+                   help="multiplies the image sizes and anchors (default: 1, or 1/4 for a small-input stem)")
+    p.add_argument("--fpn-channels", type=positive(int),
+                   help="the FPN's channels (default: 256 x backbone width / 64, so 256 for a standard ResNet)")
     add_run_options(p)
     p.set_defaults(func=cmd_detect)
 

@@ -122,6 +122,8 @@ NORMS = ("frozen", "syncbn", "bn")
 TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "stem")
 C4_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 C4_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+# torchvision's FPN anchors: one size per level (P2..P6), the same three aspect ratios
+FPN_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 #: Detectron2's RPN top-k defaults (MoCo's C4 config): before / after NMS, training / test
 C4_RPN_TOPK = {"rpn_pre_nms_top_n_train": 12000, "rpn_post_nms_top_n_train": 2000,
                "rpn_pre_nms_top_n_test": 6000, "rpn_post_nms_top_n_test": 1000}
@@ -147,6 +149,8 @@ class DetectConfig:
     extra_norm: Optional[bool] = None
     roi_batch_size: int = 512
     test_proposals: Optional[int] = None
+    input_scale: Optional[float] = None
+    fpn_channels: Optional[int] = None
     train: Optional[str] = None
     test: Optional[str] = None
     train_images: Optional[str] = None
@@ -266,7 +270,8 @@ def _sync_batchnorm(model: nn.Module) -> nn.Module:
 def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", task: str = "box",
                    norm: str = "frozen", min_size: int | Sequence[int] = 256, max_size: int = 512,
                    trainable_stages: Optional[int] = None, extra_norm: Optional[bool] = None,
-                   roi_batch_size: int = 512, test_proposals: Optional[int] = None) -> nn.Module:
+                   roi_batch_size: int = 512, test_proposals: Optional[int] = None,
+                   input_scale: Optional[float] = None, fpn_channels: Optional[int] = None) -> nn.Module:
     """A torchvision ``FasterRCNN`` (``task="box"``) or ``MaskRCNN`` (``"mask"``) on ``backbone`` (a
     :class:`~semssl.models.backbones.ResNetBackbone`, modified in place and shared, not copied), in the ``c4`` or
     ``fpn`` layout (module docstring), for ``num_classes`` object classes (+ background).
@@ -280,6 +285,11 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
             Detectron2's 512; the small recipes take 128).
         test_proposals: proposals per image kept after the RPN's NMS at test (None: 1000, both layouts' default;
             300 is the Faster R-CNN paper's test setting, the small recipes').
+        input_scale: multiplies ``min_size``, ``max_size`` and the anchor sizes. None: :func:`stem_input_scale`
+            (1 on the standard stem; 1/4 on the small-input stem, whose maps are 4x denser per side), so the
+            feature maps, the anchors per object and the RoI levels are those of the standard stem.
+        fpn_channels: the FPN's (and so the RPN's and box head's input) channels. None: :func:`fpn_width`, 256 for
+            the standard width 64 as every paper, scaled with a narrower backbone's width.
     """
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -310,7 +320,15 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
     _freeze_stages(backbone, TRAINABLE_ORDER[stages:])
     if norm == "frozen":
         frozen_batchnorm(backbone)
+    scale = stem_input_scale(backbone) if input_scale is None else input_scale
+    if not isinstance(scale, (int, float)) or not 0 < scale <= 8:
+        raise ConfigError(f"input_scale: expected a number in (0, 8], got {input_scale!r}")
     sizes = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
+    sizes = tuple(max(1, round(s * scale)) for s in sizes)
+    max_size = max(1, round(int(max_size) * scale))
+    fpn = fpn_width(backbone) if fpn_channels is None else fpn_channels
+    if not isinstance(fpn, int) or fpn < 1:
+        raise ConfigError(f"fpn_channels: expected an integer >= 1, got {fpn_channels!r}")
     if not isinstance(roi_batch_size, int) or roi_batch_size < 1:
         raise ConfigError(f"roi_batch_size: expected an integer >= 1, got {roi_batch_size!r}")
     if test_proposals is not None and (not isinstance(test_proposals, int) or test_proposals < 1):
@@ -322,8 +340,12 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
     classes = num_classes + 1
     if layout == "fpn":
         body = BackboneWithFPN(backbone, return_layers={s: str(i) for i, s in enumerate(STAGES)},
-                               in_channels_list=[int(backbone.channels[s]) for s in STAGES], out_channels=256,
-                               extra_blocks=LastLevelMaxPool())
+                               in_channels_list=[int(backbone.channels[s]) for s in STAGES],
+                               out_channels=fpn, extra_blocks=LastLevelMaxPool())
+        if scale != 1:  # torchvision's FPN anchors (32..512, one size per level), scaled with the input
+            common["rpn_anchor_generator"] = AnchorGenerator(
+                sizes=tuple((_scaled(a, scale),) for a in FPN_ANCHOR_SIZES),
+                aspect_ratios=(C4_ASPECT_RATIOS,) * len(FPN_ANCHOR_SIZES))
         model: nn.Module = (FasterRCNN if task == "box" else MaskRCNN)(body, num_classes=classes, **common)
     else:
         c5 = int(backbone.channels["layer4"])
@@ -331,7 +353,8 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
                                          + ([("norm", nn.BatchNorm2d(c5))] if extra else [])))
         box_head = nn.Sequential(OrderedDict([("res5", res5), ("pool", nn.AdaptiveAvgPool2d(1)),
                                               ("flatten", nn.Flatten(1))]))
-        anchors = AnchorGenerator(sizes=(C4_ANCHOR_SIZES,), aspect_ratios=(C4_ASPECT_RATIOS,))
+        anchors = AnchorGenerator(sizes=(tuple(_scaled(a, scale) for a in C4_ANCHOR_SIZES),),
+                                  aspect_ratios=(C4_ASPECT_RATIOS,))
         body = C4Body(backbone)
         parts = {"rpn_anchor_generator": anchors,
                  "rpn_head": RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
@@ -343,9 +366,37 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
         else:
             model = MaskRCNN(body, num_classes=None, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, sampling_ratio=0),
                              mask_head=res5, mask_predictor=MaskRCNNPredictor(c5, 256, classes), **common, **parts)
+    if scale != 1:  # the padding multiple (torchvision's 32) scales too: the maps stay the standard stem's
+        model.transform.size_divisible = _scaled(model.transform.size_divisible, scale)
     if norm == "syncbn":
         model = _sync_batchnorm(model)
     return model
+
+
+def stem_input_scale(backbone: nn.Module) -> float:
+    """The input scale at which ``backbone``'s maps have the standard stem's size: 1, or 1/4 for the small-input
+    stem (3x3/1 conv, no max-pool: output stride 1 before ``layer1`` instead of 4).
+
+    Decision: a small-input backbone (the 32 px learning-check checkpoints) is detected at a quarter of the
+    recipe's resolution rather than at full resolution with 4x denser maps: the FPN, RPN and RoI costs are those of
+    the standard stem at the recipe's size (16x fewer positions), and the objects are nearer the scale the backbone
+    was pre-trained at. Boxes are still scored in the original image's coordinates."""
+    return 0.25 if getattr(backbone, "small_input", False) else 1.0
+
+
+def fpn_width(backbone: nn.Module) -> int:
+    """The FPN's channels for ``backbone``: 256 at the standard width 64 (torchvision's, Detectron2's and the
+    papers'), in proportion for a narrower or wider one (64 for the width-16 learning-check backbones).
+
+    Decision: a fixed 256 would make the FPN, RPN and box head -- not the backbone under test -- most of a narrow
+    backbone's detector and of its cost (on the width-16 ResNet-18 the 3x3 FPN and RPN convolutions alone were
+    ~16x its layer1..4 per position); scaling keeps the heads' share of the standard detector."""
+    width = int(getattr(backbone, "width", 64) or 64)
+    return max(8, 256 * width // 64)
+
+
+def _scaled(size: int, scale: float) -> int:
+    return max(1, round(size * scale))
 
 
 class _Schedule:
@@ -662,7 +713,8 @@ def _run_one(source: BackboneSource, data: _Data, cfg: DetectConfig, seed: int, 
     torch.manual_seed(seed)
     model = build_detector(backbone, len(data.category_ids), cfg.layout, cfg.task, cfg.norm, cfg.min_size,
                            cfg.max_size, trainable_stages=cfg.trainable_stages, extra_norm=cfg.extra_norm,
-                           roi_batch_size=cfg.roi_batch_size, test_proposals=cfg.test_proposals).to(device)
+                           roi_batch_size=cfg.roi_batch_size, test_proposals=cfg.test_proposals,
+                           input_scale=cfg.input_scale, fpn_channels=cfg.fpn_channels).to(device)
     optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
     scheduler = _Schedule(lr_schedule(optimizer, cfg.iterations, "step", warmup=cfg.warmup,
                                       milestones=cfg.milestones))
@@ -696,7 +748,8 @@ def detect(source: BackboneSource, train: Optional[str] = None, test: Optional[s
            resume: bool = False, compare_random_init: bool = False, progress: bool = True, device: str = "cpu",
            recipe: Optional[str] = None, trainable_stages: Optional[int] = None, extra_norm: Optional[bool] = None,
            train_images: Optional[str] = None, test_images: Optional[str] = None,
-           roi_batch_size: Optional[int] = None, test_proposals: Optional[int] = None) -> dict[str, Any]:
+           roi_batch_size: Optional[int] = None, test_proposals: Optional[int] = None,
+           input_scale: Optional[float] = None, fpn_channels: Optional[int] = None) -> dict[str, Any]:
     """Fine-tune a detector on ``source``'s backbone with ``train``; COCO AP on ``test`` (module docstring).
 
     Every option left None takes the ``recipe``'s value (one of :data:`RECIPES`), else the default of
@@ -713,7 +766,7 @@ def detect(source: BackboneSource, train: Optional[str] = None, test: Optional[s
              "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "milestones": milestones,
              "min_size": min_size, "max_size": max_size, "trainable_stages": trainable_stages,
              "extra_norm": extra_norm, "roi_batch_size": roi_batch_size, "test_proposals": test_proposals,
-             "train": train, "test": test, "train_images": train_images,
+             "input_scale": input_scale, "fpn_channels": fpn_channels, "train": train, "test": test, "train_images": train_images,
              "test_images": test_images}
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if isinstance(cfg.min_size, (list, tuple)):
