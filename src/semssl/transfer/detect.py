@@ -190,10 +190,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # max 320), batch 4, lr 0.02 x 4 / 16 = 0.005 (the linear scaling rule from the papers' 0.02 at 16), frozen
     # BN with stem and layer1 frozen, warm-up 50, steps at 75 % / 92 %.
     #   --train $SEMSSL_DATA_DIR/msrc-v2/instances_train.json --test $SEMSSL_DATA_DIR/msrc-v2/instances_test.json
-    # Measured (2026-12-07, docs/results.md section 9): NOT within 15 minutes for the 32 px learning-check
-    # backbones (width 16, small-input stem: no stride 4 in the stem, so the FPN maps are 4x denser per side):
-    # 250 of the 300 iterations took 109 min (~26 s/iteration, one thread, the machine shared with one other run).
-    # Its time on a standard-stem ResNet-18 is not measured yet.
+    # Measured (2026-12-07, docs/results.md section 9, one thread, one other run beside it): 300 iterations in
+    # 127-188 s on the width-16 small-input backbones (a quarter of these sizes, stem_input_scale; FPN width 64,
+    # fpn_width) and 329-372 s on the width-32 standard-stem ones, evaluation 10-28 s.
     "msrc-v2_small": {"layout": "fpn", "task": "box", "norm": "frozen", "iterations": 300, "batch_size": 4,
                       "lr": 0.005, "weight_decay": 1e-4, "warmup": 50, "milestones": (0.75, 0.92),
                       "min_size": 224, "max_size": 320, "roi_batch_size": 128, "test_proposals": 300},
