@@ -323,8 +323,8 @@ def build_detector(backbone: nn.Module, num_classes: int, layout: str = "fpn", t
     if not isinstance(scale, (int, float)) or not 0 < scale <= 8:
         raise ConfigError(f"input_scale: expected a number in (0, 8], got {input_scale!r}")
     sizes = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
-    sizes = tuple(max(1, round(s * scale)) for s in sizes)
-    max_size = max(1, round(int(max_size) * scale))
+    sizes = tuple(_scaled(s, scale) for s in sizes)
+    max_size = _scaled(int(max_size), scale)
     fpn = fpn_width(backbone) if fpn_channels is None else fpn_channels
     if not isinstance(fpn, int) or fpn < 1:
         raise ConfigError(f"fpn_channels: expected an integer >= 1, got {fpn_channels!r}")
