@@ -136,12 +136,13 @@ class MethodStep:
     """
 
     def __init__(self, cfg: Any, batch: dict, steps_per_epoch: int = 100) -> None:
+        from semssl.engine.data import step_batch
         from semssl.engine.module import SSLModule
 
         if steps_per_epoch < 1:
             raise BenchError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.cfg = cfg
-        self.module = SSLModule(cfg, global_batch=cfg.data.batch_size)
+        self.module = SSLModule(cfg, global_batch=step_batch(cfg))
         self.module.build_schedules(steps_per_epoch)
         self.method = self.module.method.train()
         self.optimizer = self.module.configure_optimizers()

@@ -139,6 +139,9 @@ class TrainerConfig:
     devices: Union[int, str] = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    # > 1: each optimisation step runs k micro-batches of data.batch_size and sums their gradients, so the
+    # effective batch is k x data.batch_size x processes (semssl.engine.step)
+    accumulate_grad_batches: int = 1
     precision: str = "32-true"  # "16-mixed" / "bf16-mixed" for mixed precision
     seed: int = 0
     out_dir: str = "runs"
@@ -345,6 +348,8 @@ def check_values(cfg: Config) -> None:
         or (isinstance(t.devices, str) and t.devices != "")
     need(devices_ok, "trainer.devices", t.devices, "a count >= 1, -1 (all), 'auto' or a device list string")
     need(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "an integer >= 1")
+    need(isinstance(t.accumulate_grad_batches, int) and t.accumulate_grad_batches >= 1,
+         "trainer.accumulate_grad_batches", t.accumulate_grad_batches, "an integer >= 1 (1 = no accumulation)")
     need(t.seed >= 0, "trainer.seed", t.seed, "an integer >= 0")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "an integer >= 1")
     for key in ("knn_every_n_epochs", "rankme_every_n_steps", "checkpoint_every_n_epochs", "checkpoint_every_n_steps",

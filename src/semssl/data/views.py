@@ -698,6 +698,39 @@ def collate_views(samples: list[dict]) -> dict:
     return batch
 
 
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """Split a Batch dict into ``parts`` batches of consecutive images (micro-batches for gradient accumulation).
+
+    Micro-batch ``j`` holds images ``[j * m, (j + 1) * m)`` with ``m = B / parts``, ``B = len(batch["label"])``,
+    in every key: per-image tensors (``label``, ``index``, ``source_size``, ``box_labels``: leading dim ``B``) are
+    sliced; the per-view dicts (``views``, ``geometry``, region sets: leading dim ``n_crops * B``, crop-major) keep
+    their layout, so each micro-batch is itself a Batch, crop-major, as :func:`collate_views` would have built
+    from its images. Anything without a batch dimension (non-tensors) is shared.
+    """
+    if parts == 1:
+        return [batch]
+    labels = batch.get("label")
+    if not torch.is_tensor(labels):
+        raise SampleError("split_batch: the batch has no 'label' tensor, so its number of images is unknown")
+    n = int(labels.shape[0])
+    if parts < 1 or n % parts:
+        raise SampleError(f"split_batch: a batch of {n} images does not split into {parts} equal micro-batches")
+    m = n // parts
+
+    def part(value: Any, j: int, key: str) -> Any:
+        if isinstance(value, dict):
+            return {name: part(v, j, f"{key}[{name!r}]") for name, v in value.items()}
+        if not torch.is_tensor(value) or value.ndim == 0:
+            return value
+        rows = int(value.shape[0])
+        if rows % n:
+            raise SampleError(f"split_batch: batch key {key} has {rows} rows, not a multiple of the {n} images")
+        crops = value.reshape(rows // n, n, *value.shape[1:])  # crop-major: row = crop * B + image
+        return crops[:, j * m:(j + 1) * m].flatten(0, 1)
+
+    return [{key: part(value, j, key) for key, value in batch.items()} for j in range(parts)]
+
+
 def _crop_major(per_sample: list[list[torch.Tensor]], name: str) -> torch.Tensor:
     """``per_sample[b][c]`` -> tensor indexed ``c * B + b``."""
     n_crops = len(per_sample[0])

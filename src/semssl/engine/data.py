@@ -171,17 +171,24 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
     global RNG the method uses (shuffle-BN permutations), differently with and without workers and after a
     resume; with a private generator the method's random stream depends on neither.
     """
-    steps_per_epoch(len(dataset), cfg.data.batch_size, world_size)  # a DataError when not one batch is full
+    batch = step_batch(cfg)
+    steps_per_epoch(len(dataset), batch, world_size)  # a DataError when not one batch is full
     sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
     sampler.set_epoch(epoch)
     if batches_done:
-        sampler.resume_at(epoch, batches_done * cfg.data.batch_size)
+        sampler.resume_at(epoch, batches_done * batch)
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, -1 - rank))
-    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
                       num_workers=workers, collate_fn=build_collate(cfg), persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
                       generator=generator)
+
+
+def step_batch(cfg: Any) -> int:
+    """Images per process and optimisation step: ``data.batch_size`` x ``trainer.accumulate_grad_batches`` (the
+    loader's batch; the step splits it into micro-batches of ``data.batch_size``, semssl.engine.step)."""
+    return cfg.data.batch_size * max(1, int(getattr(cfg.trainer, "accumulate_grad_batches", 1)))
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int) -> int:

@@ -14,8 +14,10 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from semssl.config import Config, to_dict
+from semssl.engine.data import step_batch
 from semssl.engine.monitor import rankme_due, rankme_logs
 from semssl.engine.step import build_schedules, optimisation_step, with_values
 from semssl.methods import Method, build_method
@@ -39,7 +41,7 @@ class SSLModule(pl.LightningModule):
     # -- schedules -------------------------------------------------------------------------------------------
     @property
     def global_batch(self) -> int:
-        return self._global_batch or self.cfg.data.batch_size * self.trainer.world_size
+        return self._global_batch or step_batch(self.cfg) * self.trainer.world_size
 
     def total_steps(self, steps_per_epoch: int) -> int:
         t = self.cfg.trainer
@@ -71,13 +73,15 @@ class SSLModule(pl.LightningModule):
         opt = self.optimizers()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         steps_done = int(self.global_step)
+        model = self.trainer.model  # DistributedDataParallel under DDP: skip the all-reduce of accumulated grads
         out = optimisation_step(self.method, opt, batch, self.progress(), self.cfg, backward=self.manual_backward,
-                                unscale=(lambda: scaler.unscale_(opt.optimizer)) if scaler is not None else None)
+                                unscale=(lambda: scaler.unscale_(opt.optimizer)) if scaler is not None else None,
+                                no_sync=model.no_sync if isinstance(model, DistributedDataParallel) else None)
         embeddings = out.pop("embeddings", None)  # detached [N, D] matrices for the RankMe monitor (methods.base)
         loss = out["loss"]
         logs = {f"train/{k}": (v.detach().float() if torch.is_tensor(v) else v) for k, v in out.items()
                 if not torch.is_tensor(v) or v.numel() == 1}
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=step_batch(self.cfg))
         if self.trainer.is_global_zero and rankme_due(steps_done, self.cfg.trainer.rankme_every_n_steps):
             # Decision: written to the loggers directly, at the step Lightning gives this batch's row: through
             # self.log a value logged on some steps only is repeated on every later logged step of the epoch
@@ -85,7 +89,7 @@ class SSLModule(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(values, step=steps_done)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False,
-                 batch_size=self.cfg.data.batch_size)
+                 batch_size=step_batch(self.cfg))
         return loss.detach()
 
     # -- checkpoints -----------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from semssl.errors import RunLockedError
 from semssl.engine.data import (
     build_train_dataset,
     resolve_paths,
+    step_batch,
     steps_per_epoch,
     train_loader,
 )
@@ -106,7 +107,7 @@ class SSLDataModule(pl.LightningDataModule):
         # batches of that epoch a mid-epoch checkpoint already trained on (0 for a new run or an epoch-end one);
         # a mid-epoch checkpoint is written at a batch end, where "processed" counts the batches trained on
         done = int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
-        spe = steps_per_epoch(len(self.dataset), self.cfg.data.batch_size, self.trainer.world_size)
+        spe = steps_per_epoch(len(self.dataset), step_batch(self.cfg), self.trainer.world_size)
         done = done if 0 < done < spe else 0
         return train_loader(self.dataset, self.cfg, self.trainer.world_size, self.trainer.global_rank, epoch, done)
 
@@ -367,11 +368,13 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     paths = resolve_paths(cfg)
     dataset = build_train_dataset(cfg, paths["train"])
     world = world_size_of(cfg)
-    spe = steps_per_epoch(len(dataset), cfg.data.batch_size, world)  # a DataError before any folder if 0
+    spe = steps_per_epoch(len(dataset), step_batch(cfg), world)  # a DataError before any folder if 0
     if spe == 1:
-        log.warning("data.train: %d images make only 1 step/epoch at data.batch_size=%d%s (%d images left out of "
+        accumulate = cfg.trainer.accumulate_grad_batches
+        log.warning("data.train: %d images make only 1 step/epoch at data.batch_size=%d%s%s (%d images left out of "
                     "each epoch); lower data.batch_size for more steps", len(dataset), cfg.data.batch_size,
-                    f" x {world} processes" if world > 1 else "", len(dataset) - cfg.data.batch_size * world)
+                    f" x {accumulate} accumulated" if accumulate > 1 else "",
+                    f" x {world} processes" if world > 1 else "", len(dataset) - step_batch(cfg) * world)
     max_epochs = cfg.trainer.max_epochs
     if cfg.trainer.max_steps > 0:
         max_epochs = min(max_epochs, math.ceil(cfg.trainer.max_steps / spe)) if max_epochs > 0 else \

@@ -18,6 +18,8 @@ float32 under mixed precision, float64 in a float64 run.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,7 +121,10 @@ class Center(nn.Module):
     row of every process (sum all-reduced, divided by rows x world size, docs/methods/dino.md §Loss).
 
     The buffer starts in float32 and follows the module's dtype (``.double()`` in a float64 run); the batch mean is
-    computed in :func:`~semssl.losses.compute_dtype` of the outputs and the buffer."""
+    computed in :func:`~semssl.losses.compute_dtype` of the outputs and the buffer.
+
+    Under gradient accumulation (:meth:`defer` ... :meth:`flush`) the micro-batches' rows are summed and the
+    center is updated once from all of them, as one pass over the whole batch does."""
 
     def __init__(self, dim: int, momentum: float = 0.9) -> None:
         super().__init__()
@@ -127,12 +132,34 @@ class Center(nn.Module):
             raise ValueError(f"center momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, dim))
+        self._pending: Optional[tuple[Tensor, int]] = None  # (sum of the held rows, their number), while deferred
+
+    def defer(self) -> None:
+        """Hold the rows of the following :meth:`update` calls until :meth:`flush`."""
+        self._pending = (torch.zeros_like(self.center), 0)
+
+    def next_part(self) -> None:
+        """Micro-batches are summed alike: nothing to mark."""
+
+    def flush(self, apply: bool = True) -> None:
+        """Update once from every held row, and stop holding; ``apply=False`` drops them."""
+        pending, self._pending = self._pending, None
+        if apply and pending is not None and pending[1] > 0:
+            self._update_from(*pending)
 
     @torch.no_grad()
     def update(self, teacher_logits: Tensor) -> None:
         """Update from teacher outputs ``[N, dim]`` (all crops of this process's batch)."""
         rows = at_least_float32(teacher_logits.reshape(-1, self.center.shape[1]), self.center)
-        batch_center = all_reduce_sum(rows.sum(0, keepdim=True)) / (rows.shape[0] * world_size())
+        if self._pending is not None:
+            total, count = self._pending
+            self._pending = (total + rows.sum(0, keepdim=True), count + rows.shape[0])
+            return
+        self._update_from(rows.sum(0, keepdim=True), rows.shape[0])
+
+    @torch.no_grad()
+    def _update_from(self, row_sum: Tensor, rows: int) -> None:
+        batch_center = all_reduce_sum(row_sum) / (rows * world_size())
         self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,6 +39,10 @@ class MemoryQueue(nn.Module):
 
     ``enqueue`` all-gathers the keys of every rank (rank-major, so the queue is identical on all ranks) and
     writes them at the pointer, wrapping around. Initialised with random unit vectors as in MoCo.
+
+    Under gradient accumulation the engine calls :meth:`defer` before a step's micro-batches and :meth:`flush`
+    after them: every micro-batch then sees the queue as it was before the step, and the step's keys are written
+    once, in the order one pass over the whole batch writes them (so the queue is that of the larger batch).
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -45,13 +51,38 @@ class MemoryQueue(nn.Module):
             raise ValueError(f"queue size must be >= 1, got {size}")
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._pending: Optional[list[list[Tensor]]] = None  # per micro-batch, this process's keys, while deferred
 
     @property
     def size(self) -> int:
         return self.queue.shape[0]
 
+    def defer(self) -> None:
+        """Hold the keys of the following :meth:`enqueue` calls until :meth:`flush`; :meth:`next_part` marks
+        where the next micro-batch starts."""
+        self._pending = [[]]
+
+    def next_part(self) -> None:
+        if self._pending is not None:
+            self._pending.append([])
+
+    def flush(self, apply: bool = True) -> None:
+        """Write the held keys and stop holding (``apply=False`` drops them). The ``i``-th enqueue of every
+        micro-batch is written as one, micro-batches in order: the rows and order of the ``i``-th enqueue of one
+        pass over the whole batch (a method that enqueues per view, as SoCo does, keeps its order)."""
+        pending, self._pending = self._pending, None
+        if not apply or not pending or not any(pending):
+            return
+        calls = {len(part) for part in pending}
+        groups = zip(*pending) if len(calls) == 1 else [[keys for part in pending for keys in part]]
+        for group in groups:
+            self.enqueue(torch.cat(list(group)))
+
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
+        if self._pending is not None:
+            self._pending[-1].append(keys.detach())
+            return
         keys = concat_all_gather(keys.detach()).to(self.queue.dtype)
         n = keys.shape[0]
         if n >= self.size:
