@@ -3,8 +3,9 @@
 The step runs the loader's batch as micro-batches (:func:`semssl.data.views.split_batch`), holds the running
 state (queues, DINO centers) until the step's end (:func:`semssl.engine.step.deferred_state`), and steps once.
 Where the loss is a mean over images and nothing couples the images of a batch, that is the larger batch's update;
-the tests compare losses and every weight and buffer after a recipe's first 2 steps, to float32 summation-order noise (measured
-here: weights and buffers <= 9e-8 apart, losses <= 2e-7 relative; the tolerance is 1e-6, relative for losses).
+the tests compare losses and every weight and buffer after a recipe's first 2 steps, to float32 summation-order
+noise (measured here: weights and buffers <= 9e-8 apart, losses <= 2e-7 relative; the tolerance is 1e-6,
+relative for losses).
 
 What couples images is BatchNorm in training mode (the BYOL / SoCo heads, SCFS's search heads, SCD's saliency
 network) and batch-level clustering (DSC's Sinkhorn prototypes and k-means). So every method is compared twice:
