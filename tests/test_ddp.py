@@ -13,22 +13,21 @@ Two process groups are spawned:
   evaluation on.
 
 Each rank writes its results to a file; the parent process loads them and asserts, so failures read plainly.
+The same parity for every method (through the engine's step, 2 steps, float64) is in test_ddp_methods.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import tiny_overrides
+from ddp_testing import free_port, load, spawn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -52,30 +51,6 @@ QUEUE = 12  # 2 steps x 8 keys: the second step wraps around
 STEPS = 2
 LR = 0.1
 SPAWN_TIMEOUT_S = 50
-
-
-# -- plumbing ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn(rank, *args)`` in 2 spawned processes; fail (and stop them) after ``SPAWN_TIMEOUT_S``. A rank's
-    exception is re-raised here with its traceback."""
-    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"{fn.__name__}: the 2 ranks did not finish within {SPAWN_TIMEOUT_S} s")
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -- the method without Lightning -----------------------------------------------------------------------------------
@@ -190,8 +165,8 @@ def _method_rank(rank: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def method_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_method")
-    _spawn(_method_rank, str(out))
-    return [_load(out / f"method_rank{r}.pt") for r in range(WORLD)]
+    spawn(_method_rank, str(out), timeout_s=SPAWN_TIMEOUT_S)
+    return [load(out / f"method_rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +283,8 @@ def _engine_rank(rank: int, port: int, overrides: list[str], out_dir: str) -> No
 def engine_ranks(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ddp_engine")
     runs = out / "runs"
-    _spawn(_engine_rank, _free_port(), _engine_overrides(tiny_synth, runs), str(out))
-    return runs, [_load(out / f"engine_rank{r}.pt") for r in range(WORLD)]
+    spawn(_engine_rank, free_port(), _engine_overrides(tiny_synth, runs), str(out), timeout_s=SPAWN_TIMEOUT_S)
+    return runs, [load(out / f"engine_rank{r}.pt") for r in range(WORLD)]
 
 
 def test_engine_ranks_share_one_run_folder(engine_ranks: tuple[Path, list[dict]]) -> None:

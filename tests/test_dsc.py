@@ -4,13 +4,12 @@ and the distributed k-means / Sinkhorn in 2 real gloo processes."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_testing import spawn
 
 from semssl.bench import MethodStep
 from semssl.config import DEFAULT_RECIPE, load_config
@@ -296,14 +295,7 @@ def test_distributed_kmeans_and_sinkhorn_equal_one_process(tmp_path: Path) -> No
     spawned processes start faster)."""
     from dsc_ddp_worker import WORLD, distributed_rank, distributed_work, separable
 
-    context = mp.start_processes(distributed_rank, args=(str(tmp_path),), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 90
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the 2 ranks did not finish within 90 s")
+    spawn(distributed_rank, str(tmp_path), timeout_s=90, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     single = distributed_work(None)
     torch.testing.assert_close(torch.cat([r["codes"] for r in ranks]), single["codes"])
