@@ -181,14 +181,14 @@ def _ddp_rank(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
 def test_ddp_accumulated_step_equals_one_process_on_the_whole_batch(tiny_synth: Path, tmp_path: Path) -> None:
     """2 gloo ranks x 2 micro-batches x 4 images = one process on 16: the first backward of each rank runs under
     DDP's ``no_sync``, the last one all-reduces the summed gradients."""
-    from test_ddp import _free_port, _spawn
+    from ddp_testing import free_port, spawn
 
     base = tiny_overrides(tiny_synth, tmp_path / "runs") + [
         "model.norm=frozen_bn", "model.bn_splits=1", "model.width=16", "trainer.max_steps=1",
         "eval.enabled=false", "trainer.rankme_every_n_steps=0", "trainer.num_threads=1"]
     one = pretrain(load_config(None, base + ["data.batch_size=16", "trainer.run_name=one"]))
     single = torch.load(one / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    _spawn(_ddp_rank, _free_port(), base + [
+    spawn(_ddp_rank, free_port(), base + [
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=4",
         "trainer.accumulate_grad_batches=2", "trainer.run_name=ddp"], str(tmp_path))
     ddp = torch.load(tmp_path / "ddp_state.pt", weights_only=True)
