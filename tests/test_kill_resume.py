@@ -9,6 +9,10 @@ with no timing involved; nothing in the product changes for the test.
 
 Also: a run that ends at another step than its config asks for exits 1 naming both; a run folder in use by a
 live process is refused; a stale lock is taken over; Ctrl-C, a full disk and read-only folders are one line.
+
+Preemption: a real `semssl pretrain` that this test signals (SIGTERM, or SIGUSR1 / SIGTERM under a faked SLURM)
+inside a step checkpoints that step, exits 0 with one line and resumes to the uninterrupted run's state; the data
+workers ignore SIGUSR1. (Under DDP: tests/test_world_resume.py.)
 """
 
 from __future__ import annotations
@@ -228,6 +232,105 @@ def test_run_lock_holders(tmp_path: Path, holder: str, caplog) -> None:
     assert str(lock.path) in str(err.value)
     assert ("process 1 on host elsewhere-node-7" if holder == "other_host" else "unreadable") in str(err.value)
     assert lock.path.exists()  # left as it was
+
+
+PAUSED_AT = """
+import os, sys, time
+from semssl.engine.module import SSLModule
+real = SSLModule.training_step
+def paused(self, batch, batch_idx):
+    if self.global_step == {step}:  # inside the step: the test signals, then lets it go on
+        open({paused!r}, "w").close()
+        while not os.path.exists({go!r}):
+            time.sleep(0.02)
+    return real(self, batch, batch_idx)
+SSLModule.training_step = paused
+from semssl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+FAKE_SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "semssl-test", "SLURM_PROCID": "0",
+              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+PREEMPT_POINTS = [  # (signal, the step it lands in, under SLURM?): the checkpoint is at the end of that step
+    ("SIGTERM", 7, False),  # epoch 1, after epoch 0's checkpoint (kept as previous.ckpt)
+    ("SIGUSR1", 2, True),  # SLURM's requeue signal: checkpoint, then `scontrol requeue`
+    ("SIGTERM", 4, True),  # SLURM's SIGTERM (scancel, preemption): checkpoint, no requeue
+]
+
+
+@pytest.mark.parametrize("name, step, slurm", PREEMPT_POINTS,
+                         ids=[f"{n}{'-slurm' if slurm else ''}@{s}" for n, s, slurm in PREEMPT_POINTS])
+def test_a_signal_checkpoints_the_step_and_resume_gives_the_same_weights(tiny_synth: Path, tmp_path: Path,
+                                                                         uninterrupted: dict, name: str, step: int,
+                                                                         slurm: bool) -> None:
+    """A real `semssl pretrain` gets the signal from this test in the middle of a step (a test hook holds the
+    child there until the signal is sent): it finishes the step, writes its checkpoint, prints one line and exits
+    0, unevaluated; `--resume` then ends with the uninterrupted run's weights, optimiser state and RNG, bit for bit.
+    Under SLURM (faked: its environment and an `scontrol` that records its arguments) SIGUSR1 requeues the job."""
+    runs, paused, go = tmp_path / "runs", tmp_path / "paused", tmp_path / "go"
+    run = runs / "preempted"
+    script = tmp_path / "child.py"
+    script.write_text(PAUSED_AT.format(step=step, paused=str(paused), go=str(go)))
+    env, calls = dict(os.environ), tmp_path / "scontrol-calls"
+    if slurm:
+        fake = tmp_path / "bin" / "scontrol"
+        fake.parent.mkdir()
+        fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+        fake.chmod(0o755)
+        env.update(FAKE_SLURM, PATH=f"{fake.parent}{os.pathsep}{env.get('PATH', '')}")
+    args = ["pretrain", *_common(tiny_synth, runs, "max_steps"), "trainer.run_name=preempted"]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while not paused.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, f"the child did not reach step {step} in time"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, name))
+        go.touch()
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    ckpt = run / "checkpoints" / "last.ckpt"
+    lines = [line for line in err.splitlines() if line.startswith("semssl:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert (f"stopped by {name} at step {step + 1}; the checkpoint is {ckpt}; "
+            f"resume with: semssl pretrain --resume {run}") in lines[0]
+    requeued = name == "SIGUSR1" and slurm
+    assert ("SLURM job 4242 requeued" in lines[0]) == requeued, lines[0]
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 4242\n" if requeued else "")
+    assert safe_load(ckpt)["global_step"] == step + 1
+    previous = run / "checkpoints" / "previous.ckpt"
+    assert (safe_load(previous)["global_step"] if previous.exists() else None) == (6 if step >= 6 else None)
+    assert not (run / "metrics.json").exists()  # neither evaluated nor marked complete
+    assert not (run / "run.lock").exists()
+    assert not list(run.rglob("hpc_ckpt*"))  # Lightning's own SLURM checkpoint is not written
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["global_step"] == uninterrupted["max_steps"]["global_step"] == 10
+    _assert_same_training_state(uninterrupted["max_steps"], resumed)
+    assert (run / "metrics.json").exists()
+
+
+def test_data_workers_ignore_slurms_sigusr1(tiny_cfg) -> None:
+    """SLURM signals every process of a job: a training loader's worker that gets SIGUSR1 keeps loading (its
+    default action would end it, and the run with it)."""
+    from semssl.engine.data import build_train_dataset, resolve_paths, train_loader
+
+    tiny_cfg.data.num_workers = 1
+    loader = train_loader(build_train_dataset(tiny_cfg, resolve_paths(tiny_cfg)["train"]), tiny_cfg)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert all(next(batches)["views"]["q"].shape[0] == 16 for _ in range(3))
+    batches._shutdown_workers()
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is(tiny_synth: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `semssl` console script."""
-    from semssl.errors import ConfigError, SemsslError
+    from semssl.errors import ConfigError, RunPreempted, SemsslError
 
     from semssl.data.root import expand
 
@@ -578,6 +578,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
+    except RunPreempted as stop:  # SIGTERM / SIGUSR1: the step's checkpoint is written (engine/preempt.py)
+        if stop.message:
+            print(stop.message, file=sys.stderr)
+        return 0
     except ConfigError as err:
         print(f"semssl: config error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Each one is a :class:`SemsslError` (so the command line can turn any of them into one clear line) and keeps the
 built-in base it always had (``ValueError`` for bad input, ``FloatingPointError`` for a diverging loss), so
-``except ValueError`` around a call keeps working. Messages name the file, key or value at fault.
+``except ValueError`` around a call keeps working. Messages name the file, key or value at fault. The one
+exception that is no error, :class:`RunPreempted` (a run stopped by a signal after its checkpoint), lives here too.
 """
 
 from __future__ import annotations
@@ -96,3 +97,19 @@ __all__ = [
     "BenchError", "NonFiniteLossError", "IncompleteRunError", "RunLockedError",
     "ExportError", "ReportError",
 ]
+
+
+class RunPreempted(SystemExit):
+    """A run stopped by SIGTERM or SIGUSR1 after writing the checkpoint of the step it was in
+    (:mod:`semssl.engine.preempt`). Not an error: exit code 0, and ``message`` (on global rank 0; None on the
+    others) says where the checkpoint is and how to resume.
+
+    Decision: a ``SystemExit``, like Lightning's own ``SIGTERMException``, so that code catching ``Exception`` (or
+    :class:`SemsslError`) around a run does not take it for a failure and carry on: the process was asked to stop.
+    """
+
+    def __init__(self, message: str | None, step: int, signals: tuple[str, ...], checkpoint: str,
+                 requeued: str | None = None) -> None:
+        super().__init__(0)
+        self.message, self.step, self.signals = message, step, signals
+        self.checkpoint, self.requeued = checkpoint, requeued

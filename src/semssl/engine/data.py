@@ -9,6 +9,7 @@ them, on the number of workers or processes, or on whether the run was resumed �
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -46,18 +47,29 @@ class EpochSampler(Sampler):
         self.size, self.num_replicas, self.rank, self.seed, self.shuffle = size, num_replicas, rank, seed, shuffle
         self.epoch = 0
         self.per_rank = size // num_replicas
-        self._skip: tuple[int, int] = (-1, 0)  # (epoch, samples of it already trained on)
+        self._skip: tuple[int, int] = (-1, 0)  # (epoch, samples of this rank's order already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def resume_at(self, epoch: int, samples_done: int) -> None:
-        """Resume mid-epoch: in ``epoch`` only, skip the first ``samples_done`` samples of this rank's order (the
-        ones the checkpoint already trained on), so a resumed run replays exactly what the checkpoint did not
-        hold. ``len(self)`` stays the whole epoch, which is what the trainer's batch counting expects."""
-        if not 0 <= samples_done <= self.per_rank:
-            raise ValueError(f"resume_at: {samples_done} samples done is outside this epoch's {self.per_rank}")
-        self._skip = (epoch, samples_done)
+        """Resume mid-epoch: in ``epoch`` only, skip the first ``samples_done`` samples of the epoch's *global*
+        order (all ranks together: the ones the checkpoint already trained on), so a resumed run replays exactly
+        what the checkpoint did not hold. ``len(self)`` stays the whole epoch, which is what the trainer's batch
+        counting expects.
+
+        Decision: counted in global terms, so a run may resume on another number of processes. Rank ``r`` of
+        ``W`` takes ``order[r::W]`` (of the first ``per_rank x W``), so the first ``k`` batches of ``b`` of all
+        ranks together are exactly ``order[:k x W x b]`` — the same samples as one process's first ``k`` batches
+        of ``W x b``, in another order within each batch. Skipping ``samples_done / W`` of this rank's samples
+        therefore leaves ``order[samples_done:]`` to the ranks together, whatever the layout that trained the
+        first part (``samples_done`` is a multiple of ``W``: a resume keeps the global batch,
+        :func:`semssl.engine.resume.check_layout`)."""
+        total = self.per_rank * self.num_replicas
+        if not 0 <= samples_done <= total or samples_done % self.num_replicas:
+            raise ValueError(f"resume_at: {samples_done} samples done is not a multiple of {self.num_replicas} "
+                             f"processes within this epoch's {total}")
+        self._skip = (epoch, samples_done // self.num_replicas)
 
     def __len__(self) -> int:
         return self.per_rank
@@ -155,15 +167,23 @@ def build_train_dataset(cfg: Any, path: str) -> ViewDataset:
     return ViewDataset(source, build_view_transform(cfg), seed=cfg.trainer.seed)
 
 
+def ignore_requeue_signal(worker_id: int) -> None:
+    """A training loader's ``worker_init_fn``: its workers ignore SIGUSR1, which SLURM sends to every process of a
+    job and the training process handles (:mod:`semssl.engine.preempt`); by default it would kill them."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int = 0, epoch: int = 0,
                  batches_done: int = 0) -> DataLoader:
     """The training loader: ``(epoch, index)`` keys from an :class:`EpochSampler` already set to ``epoch``.
 
     Decision: the sampler starts at ``epoch`` (the epoch the run is at; > 0 on resume) and, when the run
-    resumes from a checkpoint written mid-epoch, skips the ``batches_done`` batches of that epoch the
-    checkpoint already trained on (only in that epoch). Lightning creates the
-    loader's first iterator before it calls ``set_epoch``, and with workers the iterator prefetches indices at
-    creation, so a resumed run would otherwise replay epoch 0's order in its first epoch.
+    resumes from a checkpoint written mid-epoch, skips the ``batches_done`` global batches of that epoch the
+    checkpoint already trained on (only in that epoch; ``batches_done x data.batch_size x world_size`` samples
+    of the epoch's order, :meth:`EpochSampler.resume_at`). Lightning creates the loader's first iterator before
+    it calls ``set_epoch``, and with workers the iterator prefetches indices at creation, so a resumed run would
+    otherwise replay epoch 0's order in its first epoch.
 
     Decision: the loader has its own ``torch.Generator``. A DataLoader draws a base seed for its workers from
     ``loader.generator`` — the global RNG when none is given — each time it creates an iterator (every epoch,
@@ -176,13 +196,13 @@ def train_loader(dataset: ViewDataset, cfg: Any, world_size: int = 1, rank: int 
     sampler = EpochSampler(len(dataset), world_size, rank, seed=cfg.trainer.seed)
     sampler.set_epoch(epoch)
     if batches_done:
-        sampler.resume_at(epoch, batches_done * batch)
+        sampler.resume_at(epoch, batches_done * batch * world_size)  # in global terms
     workers = cfg.data.num_workers
     generator = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, epoch, -1 - rank))
     return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
                       num_workers=workers, collate_fn=build_collate(cfg), persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
-                      generator=generator)
+                      generator=generator, worker_init_fn=ignore_requeue_signal if workers > 0 else None)
 
 
 def step_batch(cfg: Any) -> int:

@@ -23,6 +23,28 @@ Where a checkpoint stands
     boundary of the next epoch. A checkpoint written before ``semssl_position`` existed takes its position from
     ``global_step`` and the steps per epoch (every epoch has the same number of full batches).
 
+Another world size
+    A checkpoint also records the layout that wrote it (``semssl_layout``: processes and ``data.batch_size`` per
+    process; older checkpoints: their config's), and a run resumes on any number of processes that keeps the
+    *global batch* (processes x ``data.batch_size``): 2 processes of 32 resume as 1 of 64, or 8 of 8.
+
+    Decision: the global batch is kept, never re-scaled. It decides the lr (scaled per 256 images), the steps per
+    epoch (``(images // W) // b == images // (W x b)``), hence the schedules, the end step and the meaning of a
+    position; with it kept, a position's batches are the same global batches in either layout, and the data
+    order lines up (:meth:`semssl.engine.data.EpochSampler.resume_at` counts in global terms: the first ``k``
+    batches of all ranks are ``order[:k x W x b]`` whatever ``W``). A resume whose global batch differs is
+    refused before anything is written, in one line naming both values and the ``data.batch_size`` to pass
+    (:func:`check_layout`; where ``trainer.devices`` is ``auto``, ``-1`` or a device list, the number of
+    processes is known only once they are launched, and nothing is checked). semssl does not pick that batch by
+    itself: the per-process batch decides the memory a device needs, and a run that silently doubled it on
+    resume would fail hours later, out of memory, on a requeued job; ``config.yaml`` keeps saying what runs.
+
+    What stays different across layouts: the order of the samples within a batch (the MoCo queue holds the same
+    keys in another order), the rounding of the gradient sums and, for BatchNorm without SyncBN, the per-device
+    statistics. For methods without batch-statistics coupling (frozen BN, GroupNorm) the resumed run equals the
+    same run resumed on the first layout to rounding (tested in float64, 2 processes -> 1: to 1e-12,
+    ``tests/test_world_resume.py``); with BatchNorm it is a faithful continuation, not a bit-identical one.
+
 The end-step guard
     :func:`expected_final_step` is the step a run's config asks for; a run that ends anywhere else raises
     :class:`semssl.errors.IncompleteRunError` before anything is evaluated, so a resume bug can never again be a
@@ -45,11 +67,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from semssl.errors import IncompleteRunError, RunLockedError
+from semssl.errors import ConfigError, IncompleteRunError, RunLockedError
 
 log = logging.getLogger("semssl")
 
 POSITION_KEY = "semssl_position"
+LAYOUT_KEY = "semssl_layout"
 LOCK_NAME = "run.lock"
 
 
@@ -114,6 +137,63 @@ def canonical_fit_loop(fit_loop: dict[str, Any], position: Position) -> dict[str
     state["epoch_loop.batch_progress"] = batches
     state["epoch_progress"] = {"total": dict(epoch), "current": dict(epoch)}
     return state
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The processes of a run and the images each takes per step (``data.batch_size`` x accumulated batches)."""
+
+    world_size: int
+    batch_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size
+
+    def describe(self) -> str:
+        processes = "1 process" if self.world_size == 1 else f"{self.world_size} processes"
+        return f"{self.global_batch} ({processes} x data.batch_size={self.batch_size})"
+
+
+def layout_of(checkpoint: dict[str, Any]) -> Optional[Layout]:
+    """The layout a checkpoint was written by; for older checkpoints the one its config asked for (None when
+    neither says)."""
+    recorded = checkpoint.get(LAYOUT_KEY)
+    try:
+        if recorded:
+            return Layout(int(recorded["world_size"]), int(recorded["batch_size"]))
+        cfg = checkpoint["semssl_config"]
+        devices, nodes = cfg["trainer"]["devices"], int(cfg["trainer"].get("num_nodes", 1))
+        if not isinstance(devices, int) or devices < 1:
+            return None  # "auto", -1, a device list: the count is not in the config
+        return Layout(devices * nodes, int(cfg["data"]["batch_size"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_layout(path: Path) -> Optional[Layout]:
+    """:func:`layout_of` the checkpoint file at ``path``, read memory-mapped (no tensor is loaded); None where it
+    cannot be read (the resume itself then says why)."""
+    import torch
+
+    try:
+        return layout_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - the checkpoint's own load reports what is wrong with it
+        return None
+
+
+def check_layout(run_dir: Path, recorded: Optional[Layout], now: Layout) -> None:
+    """ConfigError (one line) when a resume would change the global batch (module docstring: another world size)."""
+    if recorded is None or recorded.global_batch == now.global_batch:
+        return
+    target = recorded.global_batch
+    if target % now.world_size == 0:
+        fix = f"resume with data.batch_size={target // now.world_size}"
+    else:
+        fix = f"no data.batch_size gives {target} on {now.world_size} processes: resume on a count that divides it"
+    raise ConfigError(f"--resume {run_dir}: its checkpoint was trained with a global batch of {recorded.describe()}, "
+                      f"this run would have {now.describe()}; the lr, schedules and data position follow the global "
+                      f"batch, so {fix}")
 
 
 def expected_final_step(max_steps: int, max_epochs: int, steps_per_epoch: int) -> int:

@@ -4,7 +4,8 @@ Run folder::
 
     runs/<name>-<time>/
       config.yaml            the full resolved config (``--resume`` reads it back)
-      checkpoints/last.ckpt  written atomically at the end of every epoch (weights-only loadable)
+      checkpoints/last.ckpt  written atomically at the end of every epoch (weights-only loadable), and at the end of
+                             the step in progress when SIGTERM or SIGUSR1 stops the run (engine/preempt.py)
       checkpoints/previous.ckpt  the checkpoint before it (--resume falls back to it if last.ckpt is unreadable)
       logs/tensorboard/      TensorBoard events
       logs/csv/metrics.csv   the same scalars as CSV
@@ -62,13 +63,18 @@ from semssl.engine.data import (
 from semssl.engine.io import AtomicCheckpointIO
 from semssl.engine.module import SSLModule
 from semssl.engine.monitor import FigureCallback, KNNMonitor
+from semssl.engine.preempt import Preemption
 from semssl.engine.resume import (
+    LAYOUT_KEY,
     POSITION_KEY,
+    Layout,
     Position,
     RunLock,
     canonical_fit_loop,
     check_final_step,
+    check_layout,
     position_of,
+    read_layout,
 )
 from semssl.eval.evaluate import (
     BASELINE_LABELS,
@@ -236,6 +242,8 @@ class LastCheckpoint(Checkpoint):
         if self._position is not None:
             checkpoint[POSITION_KEY] = {"epochs": self._position.epochs, "batches": self._position.batches,
                                         "steps_per_epoch": self._position.steps_per_epoch}
+        checkpoint[LAYOUT_KEY] = {"world_size": int(trainer.world_size),  # resume keeps the global batch
+                                  "batch_size": int(step_batch(pl_module.cfg))}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -259,6 +267,13 @@ class LastCheckpoint(Checkpoint):
         else:
             where = f"no checkpoint was written yet ({run_dir}); start the run again"
         print(f"semssl: interrupted at step {trainer.global_step}; {where}", file=sys.stderr)
+
+    def save_at_batch_end(self, trainer: pl.Trainer) -> Path:
+        """Write the checkpoint of the batch that just ended, from an ``on_train_batch_end`` hook, unless this
+        step's is written already (engine/preempt.py: a signal stops the run); every rank calls it. Its path."""
+        if self._saved_step != trainer.global_step:
+            self._save(trainer, Position.of_trainer(trainer, at_epoch_end=False))
+        return self.path
 
     def _save(self, trainer: pl.Trainer, position: Optional[Position]) -> None:
         # every rank calls it (a barrier); rank 0 writes. Lightning's save-side ``weights_only`` option is set
@@ -385,8 +400,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
     # features(): as it is, with BatchNorm statistics re-estimated, and raw pixels (eval.evaluate.baseline_models)
     random_model = copy.deepcopy(module.method) if cfg.eval.enabled and cfg.eval.random_init else None
 
-    folder = RunFolder(cfg, run_dir)
-    callbacks: list = [folder]
+    folder, preemption = RunFolder(cfg, run_dir), Preemption()
+    callbacks: list = [folder, preemption]
     monitor = None
     if cfg.trainer.knn_every_n_epochs > 0 and paths["eval_train"] and paths["eval_test"]:
         monitor = KNNMonitor(cfg, paths["eval_train"], paths["eval_test"], cfg.trainer.knn_every_n_epochs)
@@ -400,6 +415,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
         if not (folder_ckpt / "last.ckpt").exists() and not (folder_ckpt / PREVIOUS).exists():
             raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
         ckpt_path = resume_checkpoint(folder_ckpt)  # last.ckpt, or previous.ckpt where last.ckpt is unreadable
+        if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0:  # else the count is known at launch only
+            check_layout(run_dir, read_layout(ckpt_path), Layout(world, step_batch(cfg)))  # same global batch
     log.info("run folder: %s (%d images, %s/epoch, %s)", run_dir, len(dataset), _count(spe, "step"),
              _count(max_epochs, "epoch"))
     try:
@@ -436,7 +453,8 @@ def _pretrain(cfg: Config, resume: Optional[Path], console: Any) -> Path:
             write_json(run_dir / "metrics.json", metrics)
             print_summary(run_dir, metrics, console)
         return run_dir
-    finally:
+    finally:  # also when a signal stopped the run (semssl.errors.RunPreempted)
+        preemption.release()
         folder.release()
 
 
