@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_overrides
-from test_ddp import _free_port, _spawn
+from ddp_testing import free_port as _free_port, spawn as _spawn
 
 from semssl.checkpoints import safe_load
 from semssl.cli import main
